@@ -1,0 +1,469 @@
+"""Wire types of the provider <-> coordinator protocol ("v1 hello" dialect).
+
+Every WebSocket message is one JSON text frame whose ``type`` field selects a
+msgspec Struct below. Frames are decoded once, at the edge, by
+:func:`decode_coordinator_frame` (what a provider receives) or
+:func:`decode_provider_frame` (what a coordinator receives). Neither raises:
+input that is not a valid message comes back as :class:`Invalid`, which
+carries what a ``nak`` needs, so bad input never reaches a handler.
+
+Encoding is :func:`encode`: every field, in declaration order, so the same
+message always gives the same bytes.
+
+The module also holds the OpenAI chat-completion request body
+(:class:`ChatCompletionRequest`, with limits) and the response shapes
+(:class:`ChatCompletion`, :class:`ChatCompletionChunk`) that travel inside
+``inference_request.body`` and ``inference_response_chunk.data``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+PROTOCOL_VERSION: Final = 1
+
+#: Largest frame either side accepts (bytes). The stub closes 1009 above it.
+MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
+#: Largest chat completion body (bytes) inside an ``inference_request``.
+MAX_BODY_BYTES: Final = 2 * 1024 * 1024
+
+ProviderState = Literal["ready", "busy", "degraded", "draining", "unavailable"]
+EndStatus = Literal[
+    "complete",
+    "cancelled",
+    "error_queue_full",
+    "error_context_exceeded",
+    "error_model_not_loaded",
+    "error_internal",
+    "provider_timeout",
+]
+PreflightReason = Literal[
+    "context_exceeds_capacity", "queue_full", "draining", "model_not_loaded", "unhealthy"
+]
+DrainPhase = Literal["starting", "in_progress", "complete", "timeout_skipped"]
+
+NonNegInt = Annotated[int, Meta(ge=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+RequestId = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+def _check_bytes(name: str, value: str | None, limit: int) -> None:
+    # Meta(max_length) counts characters; the coordinator's limits are bytes.
+    if value is not None and len(value.encode()) > limit:
+        raise ValueError(f"`{name}` is longer than {limit} bytes")
+
+
+class _Message(msgspec.Struct, tag_field="type", kw_only=True):
+    """Base of every wire message; the class's tag is its ``type``.
+
+    Every field is always encoded (``None`` as ``null``): the real coordinator
+    requires some fields that have defaults here (``version``, ``tier``).
+    """
+
+
+# --------------------------------------------------------------------------
+# Provider -> coordinator
+
+
+class HardwareSummary(msgspec.Struct, omit_defaults=True, kw_only=True):
+    chip: str | None = None
+    bandwidth_gb_per_s: float | None = None
+    gpu_cores_total: int | None = None
+    cpu_cores_total: int | None = None
+
+
+class Hello(_Message, tag="hello", kw_only=True):
+    version: int = PROTOCOL_VERSION
+    tier: int = 1
+    provider_id: Annotated[str, Meta(min_length=1, max_length=256)]
+    hostname: str
+    model_id: Annotated[str, Meta(min_length=1)]
+    model_params_b: NonNegFloat
+    ram_gb: NonNegInt
+    max_context_tokens: Annotated[int, Meta(ge=1)]
+    max_concurrency: Annotated[int, Meta(ge=1)]
+    throughput_tps_estimate: NonNegFloat
+    binary_version: str
+    # Required on the wire even when null, so it has no default.
+    attestation: dict[str, Any] | None
+    model_hash: str | None = None
+    model_load_time_ms: NonNegInt | None = None
+    supported_models: Annotated[list[str], Meta(max_length=64)] | None = None
+
+    def __post_init__(self) -> None:
+        _check_bytes("hostname", self.hostname, 253)
+        _check_bytes("model_id", self.model_id, 256)
+        _check_bytes("binary_version", self.binary_version, 32)
+
+
+class MetricsSnapshot(msgspec.Struct, kw_only=True):
+    slots_free: NonNegInt
+    slots_total: NonNegInt
+    requests_served_since_last: NonNegInt = 0
+    avg_latency_ms_since_last: NonNegFloat = 0.0
+    throughput_tps_since_last: NonNegFloat = 0.0
+
+
+class Heartbeat(_Message, tag="heartbeat", kw_only=True):
+    status: ProviderState
+    model_id: str
+    model_params_b: NonNegFloat
+    ram_gb: NonNegInt
+    max_context_tokens: NonNegInt
+    max_concurrency: NonNegInt
+    slots_free: NonNegInt
+    slots_total: NonNegInt
+    throughput_tps_estimate: NonNegFloat
+    requests_served_since_last: NonNegInt
+    avg_latency_ms_since_last: NonNegFloat
+    throughput_tps_since_last: NonNegFloat
+    loading: bool | None = None
+    hardware_summary: HardwareSummary | None = None
+    service_instance_id: str | None = None
+
+
+class StateUpdate(_Message, tag="state_update", kw_only=True):
+    state: ProviderState
+    reason: str
+    since: str
+    metrics_snapshot: MetricsSnapshot
+
+
+class InferenceResponseChunk(_Message, tag="inference_response_chunk", kw_only=True):
+    request_id: RequestId
+    seq: NonNegInt
+    data: str
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: NonNegInt = 0
+    completion_tokens: NonNegInt = 0
+    total_tokens: NonNegInt = 0
+
+
+class InferenceResponseEnd(_Message, tag="inference_response_end", kw_only=True):
+    request_id: RequestId
+    status: EndStatus
+    chunks_sent: NonNegInt
+    usage: Usage
+    retryable: bool = False
+    terminal_state_ts_unix_ms: NonNegInt = 0
+    error: str | None = None
+
+
+class PreflightAck(_Message, tag="preflight_ack", kw_only=True):
+    request_id: RequestId
+    accepted: bool
+    estimated_wait_ms: NonNegInt = 0
+    reason: PreflightReason | None = None
+    max_context_tokens: NonNegInt = 0
+
+
+class DrainStatus(_Message, tag="drain_status", kw_only=True):
+    phase: DrainPhase
+    inflight_requests: NonNegInt
+    estimated_drain_seconds: NonNegFloat = 0.0
+
+
+class NakError(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+
+
+class Nak(_Message, tag="nak", kw_only=True):
+    in_reply_to: str
+    error: NakError
+
+
+ProviderMessage = (
+    Hello
+    | Heartbeat
+    | StateUpdate
+    | InferenceResponseChunk
+    | InferenceResponseEnd
+    | PreflightAck
+    | DrainStatus
+    | Nak
+)
+
+
+# --------------------------------------------------------------------------
+# Coordinator -> provider
+
+
+class HelloAck(_Message, tag="hello_ack", kw_only=True):
+    coordinator_version: int
+    assigned_id: str
+    heartbeat_interval_s: Annotated[int, Meta(ge=1, le=3600)] = 30
+    tier: str = ""
+    assigned_provider_token: str | None = None
+    auth_state: str | None = None
+    recommended_binary_version: str | None = None
+    required_binary_version: str | None = None
+
+
+class InferenceRequest(_Message, tag="inference_request", kw_only=True):
+    request_id: RequestId
+    stream: bool
+    body: Annotated[str, Meta(max_length=MAX_BODY_BYTES)]
+
+
+class CancelRequest(_Message, tag="cancel_request", kw_only=True):
+    request_id: RequestId
+    reason: str = ""
+
+
+class Drain(_Message, tag="drain", kw_only=True):
+    pass
+
+
+class WarmUp(_Message, tag="warm_up", kw_only=True):
+    pass
+
+
+class Preflight(_Message, tag="preflight", kw_only=True):
+    request_id: RequestId
+    estimated_tokens: NonNegInt
+
+
+CoordinatorMessage = HelloAck | InferenceRequest | CancelRequest | Drain | WarmUp | Preflight
+
+
+# --------------------------------------------------------------------------
+# Decoding at the edge
+
+
+class Invalid(msgspec.Struct, frozen=True):
+    """A frame that is not a valid message.
+
+    ``code`` is the ``nak`` code to answer with: ``unknown_message_type`` for a
+    well-formed object with a ``type`` this side does not know,
+    ``malformed_message`` for everything else. ``type`` is the received
+    ``type`` (``""`` when there was none) and goes in ``nak.in_reply_to``.
+    """
+
+    code: Literal["unknown_message_type", "malformed_message"]
+    type: str
+    message: str
+
+
+class _Envelope(msgspec.Struct):
+    type: str
+
+
+_encoder = msgspec.json.Encoder()
+_coordinator_decoder = msgspec.json.Decoder(CoordinatorMessage)
+_provider_decoder = msgspec.json.Decoder(ProviderMessage)
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+_COORDINATOR_TAGS = frozenset(t.__struct_config__.tag for t in CoordinatorMessage.__args__)
+_PROVIDER_TAGS = frozenset(t.__struct_config__.tag for t in ProviderMessage.__args__)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    """Encode a message as compact JSON (stable: same message, same bytes)."""
+    return _encoder.encode(msg)
+
+
+def encode_text(msg: msgspec.Struct) -> str:
+    """:func:`encode` as ``str``, for a WebSocket TEXT frame."""
+    return _encoder.encode(msg).decode()
+
+
+def _decode(
+    data: str | bytes, decoder: msgspec.json.Decoder, known: frozenset[str]
+) -> Any:
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        error = str(exc)
+    try:
+        kind = _envelope_decoder.decode(data).type
+    except msgspec.DecodeError:
+        return Invalid("malformed_message", "", error)
+    if kind not in known:
+        return Invalid("unknown_message_type", kind, f"unknown message type {kind!r}")
+    return Invalid("malformed_message", kind, error)
+
+
+def decode_coordinator_frame(data: str | bytes) -> CoordinatorMessage | Invalid:
+    """Decode a frame received by the provider. Never raises."""
+    return _decode(data, _coordinator_decoder, _COORDINATOR_TAGS)
+
+
+def decode_provider_frame(data: str | bytes) -> ProviderMessage | Invalid:
+    """Decode a frame received by the coordinator. Never raises."""
+    return _decode(data, _provider_decoder, _PROVIDER_TAGS)
+
+
+def message_type(msg: msgspec.Struct) -> str:
+    """The wire ``type`` of a message instance."""
+    return type(msg).__struct_config__.tag  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------
+# OpenAI chat completions (the payload inside inference_request.body)
+
+MAX_MESSAGES: Final = 2048
+MAX_STOP: Final = 4
+MAX_STOP_BYTES: Final = 256
+MAX_TOKENS_LIMIT: Final = 1 << 20
+
+
+class ContentPart(msgspec.Struct, kw_only=True):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message content as one string (text parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The OpenAI chat completion request body, limited to what we serve.
+
+    Unknown fields are ignored (clients send many); known ones are checked
+    here so the engine sees only values it can honour.
+    """
+
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=MAX_MESSAGES)]
+    model: str | None = None
+    max_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
+    stop: (
+        Annotated[str, Meta(max_length=MAX_STOP_BYTES)]
+        | Annotated[
+            list[Annotated[str, Meta(min_length=1, max_length=MAX_STOP_BYTES)]],
+            Meta(max_length=MAX_STOP),
+        ]
+        | None
+    ) = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, Meta(ge=1, le=1)] = 1
+
+    def __post_init__(self) -> None:
+        for field in ("temperature", "top_p"):
+            value = getattr(self, field)
+            if value is not None and value != value:  # NaN slips past ge/le
+                raise ValueError(f"`{field}` must be a number")
+
+    def token_limit(self) -> int | None:
+        """max_completion_tokens, else max_tokens, else None (engine default)."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        if isinstance(self.stop, str):
+            return [self.stop] if self.stop else []
+        return list(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+_request_decoder = msgspec.json.Decoder(ChatCompletionRequest)
+
+
+class BadRequest(ValueError):
+    """A chat completion body that cannot be served; ``str()`` is buyer-facing."""
+
+
+def decode_chat_request(body: str | bytes) -> ChatCompletionRequest:
+    """Decode and validate a chat completion body.
+
+    Raises :class:`BadRequest` whose message names the offending field, e.g.
+    ``Expected `float` <= 2.0 - at `$.temperature```.
+    """
+    if len(body) > MAX_BODY_BYTES:
+        raise BadRequest(f"request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        return _request_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class ChoiceMessage(msgspec.Struct, kw_only=True):
+    role: Literal["assistant"] = "assistant"
+    content: str = ""
+
+
+class Choice(msgspec.Struct, kw_only=True):
+    index: int = 0
+    message: ChoiceMessage
+    finish_reason: FinishReason | None
+    logprobs: None = None
+
+
+class ChatCompletion(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(msgspec.Struct, kw_only=True):
+    index: int = 0
+    delta: Delta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+SSE_DONE: Final = "data: [DONE]\n\n"
+
+
+def sse_event(obj: msgspec.Struct) -> str:
+    """One SSE ``data:`` event holding ``obj`` as JSON."""
+    return "data: " + _encoder.encode(obj).decode() + "\n\n"
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    """OpenAI-style error JSON: ``{"error": {"message", "type", ...}}``."""
+
+    error: ErrorBody
