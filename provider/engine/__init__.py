@@ -1,0 +1,94 @@
+"""The inference engine interface the session talks to.
+
+The session never imports MLX: it holds an :class:`Engine` and drives it with
+:meth:`Engine.generate`. The MLX implementation is :mod:`provider.engine.mlx`
+(:class:`~provider.engine.mlx.MlxEngine`); tests may use any object with the
+same shape.
+
+Contract of :meth:`Engine.generate`:
+
+- It returns an async iterator of :class:`TokenBatch`. Each batch holds the
+  text produced since the previous batch (stop strings already cut out) and
+  running token counts. The last batch has ``finish_reason`` set and exact
+  usage; the iterator then ends.
+- ``cancel`` is a :class:`threading.Event` the generation thread checks on
+  every decode step and between prefill chunks. Once it is set, the iterator
+  yields one last batch with ``finish_reason="cancelled"`` and the partial
+  usage (within one step, or one prefill chunk), and ends.
+- A request the engine cannot serve raises :class:`EngineError` carrying the
+  ``inference_response_end`` status and a buyer-facing message, before or
+  instead of any batch (e.g. ``error_context_exceeded``).
+- Leaving the iterator early (``aclose()``, task cancellation) sets ``cancel``
+  and frees the engine's slot.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from provider.protocol import ChatCompletionRequest, EndStatus, FinishReason
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the provider announces about its model in hello and heartbeats."""
+
+    model_id: str
+    model_params_b: float
+    max_context_tokens: int
+    model_load_time_ms: int
+    throughput_tps_estimate: float
+    model_hash: str | None = None
+
+
+@dataclass(slots=True)
+class TokenBatch:
+    """Output of one hand-off from the generation thread to the event loop."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+class EngineError(Exception):
+    """A request the engine will not or cannot complete.
+
+    ``status`` is the ``inference_response_end`` status, ``str(exc)`` is the
+    message a buyer can act on.
+    """
+
+    def __init__(self, status: EndStatus, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.status: EndStatus = status
+        self.retryable = retryable
+
+
+@runtime_checkable
+class Engine(Protocol):
+    @property
+    def info(self) -> ModelInfo | None:
+        """Model facts, or ``None`` until :meth:`load` has finished."""
+        ...
+
+    @property
+    def loading(self) -> bool:
+        """True while :meth:`load` runs (heartbeats then carry ``loading``)."""
+        ...
+
+    async def load(self) -> ModelInfo:
+        """Load the model and measure throughput; idempotent."""
+        ...
+
+    def generate(
+        self, request: ChatCompletionRequest, cancel: threading.Event
+    ) -> AsyncIterator[TokenBatch]:
+        """Run one chat completion; see the module docstring for the contract."""
+        ...
+
+    async def close(self) -> None:
+        """Stop the generation thread; in-flight requests end cancelled."""
+        ...
