@@ -1,0 +1,315 @@
+"""The agent's local status endpoint: health, status and Prometheus metrics.
+
+:class:`StatusServer` serves, on the loopback interface only:
+
+- ``GET /healthz``: ``200 ok`` while healthy (connected, and ready or busy),
+  else ``503`` with the reason, for launchd-adjacent monitors and scripts;
+- ``GET /status``: the session's status as JSON (see :func:`format_status_table`
+  for the keys), read by ``mlx-provider status``;
+- ``GET /metrics``: :data:`provider.telemetry.REGISTRY` in the Prometheus
+  text format.
+
+It knows nothing about the session: it is built from two callables.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from provider import telemetry
+from provider.logs import get_logger
+
+__all__ = [
+    "DEFAULT_STATUS_PORT",
+    "StatusServer",
+    "format_status_table",
+    "memory_info",
+    "rss_bytes",
+]
+
+DEFAULT_STATUS_PORT = 8765
+
+log = get_logger("status")
+
+HealthCheck = Callable[[], "bool | tuple[bool, str]"]
+
+
+def _check_loopback(host: str) -> None:
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        # The status page shows the provider id and traffic: keep it on this Mac.
+        raise ValueError(
+            f"status_host must be a loopback address (127.0.0.1, ::1 or localhost), "
+            f"got {host!r}"
+        )
+
+
+class StatusServer:
+    """HTTP server for ``/healthz``, ``/status`` and ``/metrics``.
+
+    ``get_status()`` returns the JSON-able dict served at ``/status``.
+    ``is_healthy()`` returns a bool, or ``(healthy, reason)``; when it says
+    unhealthy without a reason, the reason is made from the status's
+    ``connection``, ``state`` and ``state_reason``. Both are called on the
+    event loop for each request, so they must be quick and must not block.
+
+    ``host`` must be a loopback address: anything else raises
+    :exc:`ValueError`. ``port`` 0 picks a free port; :attr:`port` and
+    :attr:`url` tell which once :meth:`start` returned.
+    """
+
+    def __init__(
+        self,
+        get_status: Callable[[], Mapping[str, Any]],
+        is_healthy: HealthCheck,
+        *,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_STATUS_PORT,
+    ) -> None:
+        _check_loopback(host)
+        self.get_status = get_status
+        self.is_healthy = is_healthy
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:8765``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def app(self) -> web.Application:
+        """The aiohttp application, for embedding or testing."""
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self) -> None:
+        """Bind and serve. Raises :exc:`OSError` when the port is taken."""
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        log.info("status server listening", extra={"url": self.url})
+
+    async def stop(self) -> None:
+        """Stop serving. Safe to call when not started."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> StatusServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        verdict = self.is_healthy()
+        healthy, reason = verdict if isinstance(verdict, tuple) else (verdict, "")
+        if healthy:
+            return web.Response(text="ok\n")
+        if not reason:
+            reason = _unhealthy_reason(self.get_status())
+        return web.Response(status=503, text=f"{reason}\n")
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(dict(self.get_status()))
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(telemetry.REGISTRY),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
+
+
+def _unhealthy_reason(status: Mapping[str, Any]) -> str:
+    reason = f"connection {status.get('connection', 'unknown')}, state {status.get('state', '?')}"
+    if status.get("state_reason"):
+        reason += f": {status['state_reason']}"
+    return reason
+
+
+# --------------------------------------------------------------------------
+# Memory
+
+
+_PROC_PIDTASKINFO = 4
+
+
+class _ProcTaskInfo(ctypes.Structure):
+    # <sys/proc_info.h> struct proc_taskinfo, filled by proc_pidinfo(PROC_PIDTASKINFO).
+    _fields_ = [
+        ("pti_virtual_size", ctypes.c_uint64),
+        ("pti_resident_size", ctypes.c_uint64),
+        ("pti_other_u64", ctypes.c_uint64 * 4),
+        ("pti_other_i32", ctypes.c_int32 * 12),
+    ]
+
+
+def _darwin_rss() -> int | None:
+    try:
+        libproc = ctypes.CDLL("/usr/lib/libproc.dylib", use_errno=True)
+        info = _ProcTaskInfo()
+        size = ctypes.sizeof(info)
+        filled = libproc.proc_pidinfo(
+            os.getpid(), _PROC_PIDTASKINFO, ctypes.c_uint64(0), ctypes.byref(info), size
+        )
+        if filled != size:
+            return None
+        return int(info.pti_resident_size)
+    except (OSError, AttributeError):
+        return None
+
+
+def _linux_rss() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident_pages * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    """Largest resident set size this process has had, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is bytes on macOS and KiB on Linux.
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now, in bytes.
+
+    From ``proc_pidinfo`` on macOS and ``/proc/self/statm`` on Linux; where
+    neither answers, the peak (:func:`peak_rss_bytes`). Memory MLX allocates
+    on the GPU is not necessarily included: see ``mlx.core.get_active_memory``.
+    """
+    current = _darwin_rss() if sys.platform == "darwin" else _linux_rss()
+    return current if current is not None else peak_rss_bytes()
+
+
+def memory_info() -> dict[str, int]:
+    """``{"rss_bytes": ..., "peak_rss_bytes": ...}`` for the status ``memory`` field."""
+    return {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}
+
+
+# --------------------------------------------------------------------------
+# The status table
+
+
+def _bytes(n: Any) -> str:
+    if not isinstance(n, int | float):
+        return "-"
+    if n < 1024:
+        return f"{n:.0f} B"
+    value, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f} {unit}"
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, int | float) or seconds < 0:
+        return "-"
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {s}s"
+    return f"{s}s"
+
+
+def _text(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def format_status_table(status: Mapping[str, Any], *, now: float | None = None) -> str:
+    """Render a ``/status`` dict as a two-column table for ``mlx-provider status``.
+
+    Reads these keys, showing ``-`` for any that is missing: ``connection``,
+    ``state``, ``state_reason``, ``provider_id``, ``assigned_id``,
+    ``coordinator_url``, ``last_heartbeat_sent_unix``, ``jobs_in_flight``,
+    ``totals`` (``requests``, ``complete``, ``cancelled``, ``errors``,
+    ``tokens_generated``), ``model`` (``id``, ``params_b``, ``loading``,
+    ``max_context_tokens``), ``memory`` (``rss_bytes``), ``reconnects``,
+    ``uptime_s``. ``now`` (default: the current time) dates the heartbeat.
+    """
+    now = time.time() if now is None else now
+    totals = status.get("totals") or {}
+    model = status.get("model") or {}
+    memory = status.get("memory") or {}
+
+    heartbeat = status.get("last_heartbeat_sent_unix")
+    if isinstance(heartbeat, int | float) and heartbeat > 0:
+        heartbeat_text = f"{_duration(max(0.0, now - heartbeat))} ago"
+    else:
+        heartbeat_text = "never"
+
+    model_text = _text(model.get("id"))
+    facts = []
+    if isinstance(model.get("params_b"), int | float):
+        facts.append(f"{model['params_b']:g}B params")
+    if model.get("max_context_tokens"):
+        facts.append(f"context {model['max_context_tokens']}")
+    if facts:
+        model_text += f" ({', '.join(facts)})"
+    if model.get("loading"):
+        model_text += " [loading]"
+
+    requests_text = _text(totals.get("requests"))
+    if totals:
+        requests_text += (
+            f" ({_text(totals.get('complete'))} complete, "
+            f"{_text(totals.get('cancelled'))} cancelled, {_text(totals.get('errors'))} errors)"
+        )
+
+    rows = [
+        ("state", f"{_text(status.get('state'))} ({_text(status.get('connection'))})"),
+        ("reason", _text(status.get("state_reason"))),
+        ("provider id", _text(status.get("provider_id"))),
+        ("assigned id", _text(status.get("assigned_id"))),
+        ("coordinator", _text(status.get("coordinator_url"))),
+        ("last heartbeat", heartbeat_text),
+        ("jobs in flight", _text(status.get("jobs_in_flight"))),
+        ("requests", requests_text),
+        ("tokens generated", _text(totals.get("tokens_generated"))),
+        ("model", model_text),
+        ("memory (RSS)", _bytes(memory.get("rss_bytes"))),
+        ("reconnects", _text(status.get("reconnects"))),
+        ("uptime", _duration(status.get("uptime_s"))),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
