@@ -83,7 +83,8 @@ class Hello(_Message, tag="hello", kw_only=True):
     model_id: Annotated[str, Meta(min_length=1)]
     model_params_b: NonNegFloat
     ram_gb: NonNegInt
-    max_context_tokens: Annotated[int, Meta(ge=1)]
+    # 0 until the model has loaded; heartbeats then carry the real values.
+    max_context_tokens: NonNegInt
     max_concurrency: Annotated[int, Meta(ge=1)]
     throughput_tps_estimate: NonNegFloat
     binary_version: str
@@ -272,9 +273,7 @@ def encode_text(msg: msgspec.Struct) -> str:
     return _encoder.encode(msg).decode()
 
 
-def _decode(
-    data: str | bytes, decoder: msgspec.json.Decoder, known: frozenset[str]
-) -> Any:
+def _decode(data: str | bytes, decoder: msgspec.json.Decoder, known: frozenset[str]) -> Any:
     try:
         return decoder.decode(data)
     except msgspec.DecodeError as exc:

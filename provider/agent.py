@@ -1,0 +1,414 @@
+"""The provider agent: model, state and the connection, for the life of the process.
+
+:class:`Agent` loads the model while it connects (heartbeats say ``loading``
+meanwhile), keeps one :class:`~provider.session.Session` at a time and
+reconnects forever with the policy of :mod:`provider.reconnect`. The state
+machine, metrics window and counters live here, across connections; jobs
+live in the session they arrived on.
+
+:meth:`Agent.run` returns the process exit code: 0 after a drain (from the
+coordinator or a signal) or a final refusal (4004/4009: restarting would only
+be refused again, so launchd must not restart us).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import socket
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import tenacity
+
+from provider import __version__, telemetry
+from provider.config import Config, persist_keys
+from provider.engine import Engine
+from provider.jobs import Job, Outcome
+from provider.metrics import MetricsWindow
+from provider.protocol import (
+    HardwareSummary,
+    Heartbeat,
+    Hello,
+    HelloAck,
+    MetricsSnapshot,
+    StateUpdate,
+)
+from provider.reconnect import (
+    BackoffPolicy,
+    ConnectionLost,
+    FatalRefusal,
+    is_retryable,
+    wait_backoff,
+)
+from provider.session import Session
+from provider.state import StateMachine, Status
+
+log = logging.getLogger("mlx_provider.agent")
+
+
+def model_id_from(model: str) -> str:
+    """A local directory's name, or the repo id as given."""
+    path = Path(model).expanduser()
+    return path.name if path.exists() else model
+
+
+def total_ram_gb() -> int:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class Agent:
+    """Owns everything that outlives one connection.
+
+    ``hooks``, if given, has ``job_started()`` and ``job_finished()``, called
+    as jobs come and go (the sleep assertion uses them).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        *,
+        config_path: Path | None = None,
+        hooks: Any = None,
+    ) -> None:
+        assert config.coordinator_url and config.provider_id and config.model
+        self.config = config
+        self.config_path = config_path
+        self.engine = engine
+        self.token = config.provider_token
+        self.binary_version = __version__
+        self.stable_after_s = config.stable_after_s
+        self.request_timeout_s = config.request_timeout_s
+        self.model_id = model_id_from(config.model)
+        self.hooks = hooks
+        self.service_instance_id = uuid.uuid4().hex
+        self.hostname = socket.gethostname().encode()[:253].decode(errors="ignore")
+        self.ram_gb = total_ram_gb()
+        self.policy = BackoffPolicy(
+            config.backoff_initial_s, config.backoff_max_s, config.backoff_jitter
+        )
+
+        self.state = StateMachine(slots_total=config.max_concurrency)
+        self.state_since = datetime.now(UTC)
+        self.window = MetricsWindow(interval_s=30.0, started=time.monotonic())
+        self.session: Session | None = None
+        self.assigned_id: str | None = None
+        self.drain_requested = asyncio.Event()
+        self._wake = asyncio.Event()
+        self.started_at = time.time()
+        self.last_heartbeat_sent: float | None = None
+        self.connected_since: float | None = None
+        self.reconnects: list[dict[str, Any]] = []
+        self.totals = {
+            "requests": 0,
+            "complete": 0,
+            "cancelled": 0,
+            "errors": 0,
+            "tokens_generated": 0,
+        }
+        self.exit_reason = ""
+        self.state.degrade("loading_model")
+
+    # Lifetime --------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until drained or finally refused; returns the exit code."""
+        load = asyncio.create_task(self._load_model(), name="load_model")
+        try:
+            return await self._connect_forever()
+        except FatalRefusal as exc:
+            log.critical("%s; not retrying. Contact the marketplace, then restart.", exc)
+            self.exit_reason = str(exc)
+            return 0
+        finally:
+            load.cancel()
+            await asyncio.gather(load, return_exceptions=True)
+            await self.engine.close()
+
+    async def _load_model(self) -> None:
+        try:
+            info = await self.engine.load()
+        except Exception as exc:
+            log.exception("model load failed: %s", exc)
+            self.set_degraded("model_load_failed")
+            return
+        finally:
+            self.clear_degraded("loading_model")
+        log.info(
+            "model loaded",
+            extra={
+                "model_id": info.model_id,
+                "load_ms": info.model_load_time_ms,
+                "tps_estimate": info.throughput_tps_estimate,
+            },
+        )
+
+    async def _connect_forever(self) -> int:
+        while True:
+            retrying = tenacity.AsyncRetrying(
+                wait=wait_backoff(self.policy),
+                retry=tenacity.retry_if_exception(is_retryable),
+                sleep=self._backoff_sleep,
+                before_sleep=self._before_sleep,
+                reraise=True,
+            )
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        if self.drain_requested.is_set():
+                            return 0
+                        await self._serve_once()
+                        return 0
+            except ConnectionLost:
+                # A stable session was lost: reconnect at once with a fresh backoff.
+                if self.drain_requested.is_set():
+                    return 0
+
+    async def _serve_once(self) -> None:
+        session = Session(self)
+        self.session = session
+        try:
+            await session.run()
+            self.exit_reason = "drained"
+        except ConnectionLost as exc:
+            telemetry.reconnects.labels(cause=exc.cause).inc()
+            self.reconnects.append({"cause": exc.cause, "detail": exc.detail, "at": time.time()})
+            del self.reconnects[:-50]
+            log.warning(
+                "connection lost: %s",
+                exc,
+                extra={"cause": exc.cause, "close_code": exc.close_code, "stable": exc.stable},
+            )
+            raise
+        finally:
+            self.session = None
+
+    async def _backoff_sleep(self, seconds: float) -> None:
+        # Woken early by a drain (exit) or a wake from sleep (connect now).
+        self._wake.clear()
+        waits = [asyncio.ensure_future(e.wait()) for e in (self.drain_requested, self._wake)]
+        try:
+            await asyncio.wait(waits, timeout=seconds)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
+        delay = state.next_action.sleep if state.next_action else 0.0
+        log.info("reconnecting in %.2f s (attempt %d)", delay, state.attempt_number)
+
+    def request_drain(self, source: str) -> None:
+        """Stop taking work, finish what runs, then exit 0 (idempotent)."""
+        if self.drain_requested.is_set():
+            return
+        log.info("drain requested", extra={"source": source})
+        self.drain_requested.set()
+        self._publish(self.state.start_drain())
+
+    def wake_detected(self, gap_s: float) -> None:
+        """The machine slept: reconnect now rather than wait for the watchdog."""
+        log.warning("wake from sleep detected (%.0f s gap); reconnecting", gap_s)
+        self._wake.set()
+        if self.session is not None:
+            self.session.abort("wake")
+
+    # Session callbacks -----------------------------------------------------
+
+    def session_registered(self, session: Session, ack: HelloAck) -> None:
+        self.assigned_id = ack.assigned_id
+        self.connected_since = time.time()
+        self.window.interval_s = float(ack.heartbeat_interval_s)
+        log.info(
+            "registered",
+            extra={
+                "assigned_id": ack.assigned_id,
+                "heartbeat_interval_s": ack.heartbeat_interval_s,
+            },
+        )
+        self._publish(self.state.registered(), force=True)
+
+    def session_ended(self, session: Session) -> None:
+        self.connected_since = None
+        self._publish(self.state.disconnected("connection_lost"))
+
+    def adopt_token(self, token: str) -> None:
+        if token == self.token:
+            return
+        if self.config_path is not None:
+            persist_keys(self.config_path, {"provider_token": token})
+        self.token = token
+        log.info("adopted the provider token assigned by the coordinator")
+
+    def heartbeat_sent(self, when: float) -> None:
+        self.last_heartbeat_sent = when
+        self.window.maybe_roll(time.monotonic())
+
+    # Jobs ----------------------------------------------------------------
+
+    def job_started(self, job: Job) -> None:
+        self.totals["requests"] += 1
+        telemetry.jobs_in_flight.inc()
+        self._publish(self.state.job_started())
+        if self.hooks is not None:
+            self.hooks.job_started()
+
+    def job_finished(self, job: Job, outcome: Outcome, *, started: bool) -> None:
+        telemetry.jobs.labels(status=outcome.status).inc()
+        extra = {"request_id": job.request_id, "status": outcome.status, "chunks": job.chunks_sent}
+        log.info("job ended", extra=extra | {"completion_tokens": job.completion_tokens})
+        if not started:
+            return
+        telemetry.jobs_in_flight.dec()
+        telemetry.tokens_generated.inc(job.completion_tokens)
+        self.totals["tokens_generated"] += job.completion_tokens
+        key = {"complete": "complete", "cancelled": "cancelled"}.get(outcome.status, "errors")
+        self.totals[key] += 1
+        end = job.finished_at or time.monotonic()
+        if job.first_token_at is not None:
+            telemetry.ttft_seconds.observe(job.first_token_at - job.received)
+        if outcome.status == "complete":
+            decode_s = end - (job.first_token_at or end)
+            if decode_s > 0 and job.completion_tokens > 1:
+                telemetry.decode_tps.observe((job.completion_tokens - 1) / decode_s)
+            self.window.record(
+                latency_ms=(end - job.received) * 1000,
+                tokens=job.completion_tokens,
+                decode_s=decode_s,
+            )
+        self._publish(self.state.job_finished())
+        if self.hooks is not None:
+            self.hooks.job_finished()
+
+    # State -----------------------------------------------------------------
+
+    def set_degraded(self, reason: str) -> None:
+        self._publish(self.state.degrade(reason))
+
+    def clear_degraded(self, reason: str) -> None:
+        self._publish(self.state.recover(reason))
+
+    def _publish(self, change: Status | None, *, force: bool = False) -> None:
+        if change is not None:
+            self.state_since = datetime.now(UTC)
+            log.info("state %s (%s)", change.state, change.reason)
+        session = self.session
+        if (change is None and not force) or session is None or session.registered_at is None:
+            return
+        assert session.sender is not None
+        status = self.state.status()
+        session.sender.post(
+            StateUpdate(
+                state=status.state,
+                reason=status.reason,
+                since=self.state_since.isoformat(timespec="milliseconds"),
+                metrics_snapshot=MetricsSnapshot(
+                    slots_free=status.slots_free,
+                    slots_total=status.slots_total,
+                    **_window_fields(self.window),
+                ),
+            )
+        )
+
+    # Messages --------------------------------------------------------------
+
+    def throughput_estimate(self) -> float:
+        info = self.engine.info
+        return info.throughput_tps_estimate if info else 0.0
+
+    def hello_message(self) -> Hello:
+        info = self.engine.info
+        assert self.config.provider_id is not None
+        return Hello(
+            provider_id=self.config.provider_id,
+            hostname=self.hostname,
+            model_id=self.model_id,
+            model_params_b=info.model_params_b if info else 0.0,
+            ram_gb=self.ram_gb,
+            max_context_tokens=(info.max_context_tokens if info else self.config.max_context_tokens)
+            or 0,
+            max_concurrency=self.config.max_concurrency,
+            throughput_tps_estimate=info.throughput_tps_estimate if info else 0.0,
+            binary_version=self.binary_version,
+            attestation=None,
+            model_hash=info.model_hash if info else None,
+            model_load_time_ms=info.model_load_time_ms if info else None,
+            supported_models=[self.model_id],
+        )
+
+    def heartbeat_message(self) -> Heartbeat:
+        info = self.engine.info
+        status = self.state.status()
+        return Heartbeat(
+            status=status.state,
+            model_id=self.model_id,
+            model_params_b=info.model_params_b if info else 0.0,
+            ram_gb=self.ram_gb,
+            max_context_tokens=(info.max_context_tokens if info else self.config.max_context_tokens)
+            or 0,
+            max_concurrency=self.config.max_concurrency,
+            slots_free=status.slots_free,
+            slots_total=status.slots_total,
+            throughput_tps_estimate=info.throughput_tps_estimate if info else 0.0,
+            loading=self.engine.loading,
+            hardware_summary=HardwareSummary(
+                chip=platform.processor() or platform.machine(), cpu_cores_total=os.cpu_count()
+            ),
+            service_instance_id=self.service_instance_id,
+            **_window_fields(self.window),
+        )
+
+    def status(self) -> dict[str, Any]:
+        """What ``GET /status`` shows; never the token."""
+        from provider.status_server import rss_bytes
+
+        info = self.engine.info
+        session = self.session
+        connection = "disconnected"
+        if session is not None:
+            connection = "connected" if session.registered_at is not None else "connecting"
+        status = self.state.status()
+        return {
+            "connection": connection,
+            "state": status.state,
+            "state_reason": status.reason,
+            "provider_id": self.config.provider_id,
+            "assigned_id": self.assigned_id,
+            "coordinator_url": self.config.coordinator_url,
+            "last_heartbeat_sent_unix": self.last_heartbeat_sent,
+            "jobs_in_flight": self.state.in_flight,
+            "slots_free": status.slots_free,
+            "slots_total": status.slots_total,
+            "totals": dict(self.totals),
+            "model": {
+                "id": self.model_id,
+                "params_b": info.model_params_b if info else None,
+                "loading": self.engine.loading,
+                "max_context_tokens": info.max_context_tokens if info else None,
+                "throughput_tps_estimate": info.throughput_tps_estimate if info else None,
+            },
+            "memory": {"rss_bytes": rss_bytes()},
+            "reconnects": len(self.reconnects),
+            "last_disconnect": self.reconnects[-1] if self.reconnects else None,
+            "uptime_s": round(time.time() - self.started_at, 3),
+        }
+
+    def is_healthy(self) -> bool:
+        return self.session is not None and self.state.state in ("ready", "busy")
+
+
+def _window_fields(window: MetricsWindow) -> dict[str, Any]:
+    v = window.values()
+    return {
+        "requests_served_since_last": v.requests_served_since_last,
+        "avg_latency_ms_since_last": v.avg_latency_ms_since_last,
+        "throughput_tps_since_last": v.throughput_tps_since_last,
+    }

@@ -1,0 +1,260 @@
+"""Agent configuration: TOML file, then ``MLX_PROVIDER_*`` environment, then flags.
+
+:func:`load_config` merges the three layers (later wins), decodes the result
+into :class:`Config` and checks it, so a bad key or value stops the agent at
+start with one line naming the key, where it came from and the fix
+(:class:`ConfigError`).
+
+The file defaults to ``~/.config/mlx-provider/config.toml``. Because it may
+hold the provider token, a file with a token and permissions wider than 0600
+is refused with the ``chmod`` to run. Keys the agent learns at run time
+(a generated ``provider_id``, an ``assigned_provider_token``) are written back
+with :func:`persist_keys`, atomically and with mode 0600.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import stat
+import tempfile
+import tomllib
+import urllib.parse
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+ENV_PREFIX = "MLX_PROVIDER_"
+DEFAULT_CONFIG_PATH = Path("~/.config/mlx-provider/config.toml")
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is one line naming the key and the fix."""
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Every setting of the agent, with its default.
+
+    Connection: ``coordinator_url`` (``wss://``; ``ws://`` only to loopback),
+    ``provider_id`` (generated and persisted when absent), ``provider_token``,
+    ``proxy`` (``None``: connect directly, whatever the environment says),
+    ``ws_pings`` (WebSocket control pings; off because the real coordinator
+    drops sessions that ping after 10 s of its own write-idleness).
+
+    Serving: ``model`` (a local directory or a Hugging Face repo id),
+    ``max_concurrency``, ``max_context_tokens`` (``None``: the model's),
+    ``default_max_tokens``, ``prefill_step_size``, ``chunk_interval_ms``
+    (how long tokens are coalesced into one ``inference_response_chunk``
+    after the first), ``drain_timeout_s`` (then what still runs is
+    cancelled), ``request_timeout_s`` (a request running longer ends
+    ``provider_timeout``).
+
+    Timers: ``send_timeout_s`` bounds every send; ``backoff_*`` and
+    ``stable_after_s`` (a session registered this long resets the backoff)
+    are documented on :mod:`provider.reconnect`.
+
+    Local: ``status_host``/``status_port`` (0 disables the endpoint),
+    ``log_level``, ``log_file``, ``log_json`` (``None``: JSON unless stderr
+    is a TTY), ``keep_awake`` (``"serving"`` holds a no-idle-sleep assertion
+    while a job runs, ``"always"`` from start, ``"never"``).
+    """
+
+    coordinator_url: str | None = None
+    provider_id: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    provider_token: str | None = None
+    proxy: str | None = None
+    ws_pings: bool = False
+
+    model: str | None = None
+    max_concurrency: Annotated[int, Meta(ge=1, le=64)] = 1
+    max_context_tokens: Annotated[int, Meta(ge=16)] | None = None
+    default_max_tokens: Annotated[int, Meta(ge=1)] = 512
+    prefill_step_size: Annotated[int, Meta(ge=1)] = 512
+    chunk_interval_ms: Annotated[float, Meta(ge=0, le=1000)] = 20.0
+    drain_timeout_s: Annotated[float, Meta(ge=0)] = 300.0
+    request_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
+
+    send_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
+    backoff_initial_s: Annotated[float, Meta(gt=0)] = 1.0
+    backoff_max_s: Annotated[float, Meta(gt=0)] = 60.0
+    backoff_jitter: Annotated[float, Meta(ge=0, le=1)] = 0.1
+    stable_after_s: Annotated[float, Meta(ge=0)] = 10.0
+
+    status_host: str = "127.0.0.1"
+    status_port: Annotated[int, Meta(ge=0, le=65535)] = 8765
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_file: str | None = None
+    log_json: bool | None = None
+    keep_awake: Literal["serving", "always", "never"] = "serving"
+
+
+_FIXES = {
+    "coordinator_url": 'set coordinator_url = "wss://HOST/ws/provider" or pass --coordinator',
+    "model": "set model to a local model directory or a Hugging Face repo id, or pass --model",
+    "provider_token": "set provider_token in the config file or MLX_PROVIDER_PROVIDER_TOKEN",
+}
+
+
+def _field_from_error(message: str) -> str | None:
+    match = re.search(r"at `\$\.(\w+)`", message) or re.search(r"unknown field `(\w+)`", message)
+    return match.group(1) if match else None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML ({exc}); fix the syntax") from None
+    if "provider_token" in data and os.name == "posix":
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise ConfigError(
+                f"config file {path} holds provider_token but has mode {mode:04o}, readable "
+                f"by others; run: chmod 600 {path}"
+            )
+    return data
+
+
+def _read_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in Config.__struct_fields__:
+            raise ConfigError(f"environment {name}: unknown setting {key!r}; unset it")
+        values[key] = None if raw == "" else raw
+    return values
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    require: tuple[str, ...] = ("coordinator_url", "model"),
+) -> tuple[Config, Path]:
+    """Build the configuration from file, environment and ``overrides`` (flags).
+
+    ``path`` ``None`` means ``$MLX_PROVIDER_CONFIG`` or the default path; a
+    missing file is fine when it was not named explicitly. ``overrides`` with
+    value ``None`` are ignored (flags not given). Keys in ``require`` must be
+    set by some layer. Returns the config and the file path (existing or not)
+    that run-time keys are persisted to.
+    """
+    environ = os.environ if environ is None else environ
+    explicit = path is not None or bool(environ.get(ENV_PREFIX + "CONFIG"))
+    path = Path(path or environ.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG_PATH).expanduser()
+    merged: dict[str, Any] = {}
+    if path.exists():
+        merged.update(_read_file(path))
+    elif explicit:
+        raise ConfigError(f"config file {path} does not exist; create it or drop --config")
+    layers = [("environment", _read_env(environ)), ("flag", dict(overrides or {}))]
+    for _, layer in layers:
+        merged.update({k: v for k, v in layer.items() if v is not None})
+    try:
+        # strict=False lets "4" from the environment become 4.
+        config = msgspec.convert(merged, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        key = _field_from_error(str(exc)) or "?"
+        source = next((n for n, layer in reversed(layers) if key in layer), f"config file {path}")
+        if source == "environment":
+            source = f"environment {ENV_PREFIX}{key.upper()}"
+        raise ConfigError(f"{source}: {key}: {exc}") from None
+    for key in require:
+        if getattr(config, key) is None:
+            raise ConfigError(f"{key} is not set; {_FIXES.get(key, 'set it')}")
+    check_config(config)
+    return config, path
+
+
+def check_config(config: Config) -> None:
+    """Checks that need more than a type: URL scheme and host, loopback status."""
+    if config.coordinator_url is not None:
+        check_coordinator_url(config.coordinator_url)
+    if not is_loopback(config.status_host):
+        raise ConfigError(
+            f"status_host: {config.status_host!r} is not a loopback address; "
+            "the status endpoint binds 127.0.0.1 or ::1 only"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_coordinator_url(url: str) -> None:
+    """Refuse what would leak the token: plain ws:// off loopback, userinfo."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss"):
+        raise ConfigError(f"coordinator_url: scheme must be wss:// (got {url!r})")
+    if not parts.hostname:
+        raise ConfigError(f"coordinator_url: no host in {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError("coordinator_url: credentials in the URL are refused; use provider_token")
+    if parts.scheme == "ws" and not is_loopback(parts.hostname):
+        raise ConfigError(
+            f"coordinator_url: plain ws:// is allowed only to loopback; use wss://{parts.netloc}"
+        )
+
+
+def _toml_value(value: Any) -> str:
+    # A JSON string is a valid TOML basic string for everything we persist.
+    return json.dumps(value)
+
+
+def persist_keys(path: Path, values: Mapping[str, str]) -> None:
+    """Set top-level ``key = "value"`` lines in the TOML file at ``path``.
+
+    Other lines, comments and tables are kept. The new file is written next
+    to the old one with mode 0600, flushed to disk, then renamed over it, so
+    a crash leaves either the old or the new file, never half of one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = path.read_text().splitlines() if path.exists() else []
+    first_table = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("[")), len(lines))
+    for key, value in values.items():
+        new = f"{key} = {_toml_value(value)}"
+        pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+        for i in range(first_table):
+            if pattern.match(lines[i]):
+                lines[i] = new
+                break
+        else:
+            lines.insert(first_table, new)
+            first_table += 1
+    text = "\n".join(lines) + "\n"
+    tomllib.loads(text)  # never write a file we could not read back
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def ensure_provider_id(config: Config, path: Path) -> Config:
+    """Return ``config`` with a provider_id, generating and persisting one once."""
+    if config.provider_id:
+        return config
+    provider_id = f"prov-{uuid.uuid4().hex[:16]}"
+    persist_keys(path, {"provider_id": provider_id})
+    return msgspec.structs.replace(config, provider_id=provider_id)

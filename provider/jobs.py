@@ -1,0 +1,249 @@
+"""One inference request from ``inference_request`` to ``inference_response_end``.
+
+Each request is a :class:`Job`: its own state object (cancel flag, counters,
+deadline), never shared with another request. :func:`relay` drives the
+engine's token stream and turns it into ``inference_response_chunk`` frames:
+
+- the first token goes out at once (time to first token is what buyers feel);
+- later tokens are coalesced for ``chunk_interval`` (20 ms) so a fast decode
+  does not cost a frame per token, yet text never waits longer than that;
+- the finish is sent the moment the engine reports it.
+
+The cancel path: ``cancel_request``, a lost connection, a drain that timed out
+and the request deadline all set :attr:`Job.cancel`, a
+:class:`threading.Event` the generation thread checks on every decode step
+and prefill chunk; the engine then ends the stream with ``cancelled`` and the
+partial usage. :class:`JobTable` makes sure there is exactly one
+``inference_response_end`` per request id, whatever path ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from provider.completions import CompletionFormatter, make_usage
+from provider.engine import Engine, EngineError, TokenBatch
+from provider.protocol import (
+    ChatCompletionRequest,
+    EndStatus,
+    InferenceResponseChunk,
+    InferenceResponseEnd,
+    Usage,
+)
+
+log = logging.getLogger("mlx_provider.jobs")
+
+#: How many ended request ids are remembered, so a late cancel or a replayed
+#: request cannot produce a second end frame.
+ENDED_MEMORY = 4096
+
+
+@dataclass
+class Job:
+    request_id: str
+    stream: bool
+    received: float = field(default_factory=time.monotonic)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    #: Why cancel was set: "cancel_request:<reason>", "deadline", "disconnect", "drain_timeout".
+    cancel_reason: str | None = None
+    token_limit: int = 0
+    chunks_sent: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    task: asyncio.Task[None] | None = None
+
+    def request_cancel(self, reason: str) -> None:
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        self.cancel.set()
+
+    def usage(self) -> Usage:
+        return make_usage(self.prompt_tokens, self.completion_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a job ended: the end frame's status, error text and retry hint."""
+
+    status: EndStatus
+    error: str | None = None
+    retryable: bool = False
+
+
+def end_frame(job: Job, outcome: Outcome) -> InferenceResponseEnd:
+    return InferenceResponseEnd(
+        request_id=job.request_id,
+        status=outcome.status,
+        chunks_sent=job.chunks_sent,
+        usage=job.usage(),
+        error=outcome.error,
+        retryable=outcome.retryable,
+        terminal_state_ts_unix_ms=int(time.time() * 1000),
+    )
+
+
+SendChunk = Callable[[InferenceResponseChunk], Awaitable[None]]
+
+
+async def relay(
+    job: Job,
+    request: ChatCompletionRequest,
+    engine: Engine,
+    send: SendChunk,
+    *,
+    model_id: str,
+    chunk_interval: float = 0.02,
+) -> Outcome:
+    """Run ``request`` on ``engine`` and send its output as chunk frames.
+
+    Returns the outcome for the end frame; the caller sends that frame.
+    Raises whatever ``send`` raises (a lost connection) and CancelledError.
+    """
+    fmt = CompletionFormatter(job.request_id, model_id, include_usage=request.include_usage())
+    stream = engine.generate(request, job.cancel)
+    pending = ""
+    text_parts: list[str] = []
+    last_flush = 0.0
+    final: TokenBatch | None = None
+
+    async def emit(data: str) -> None:
+        chunk = InferenceResponseChunk(request_id=job.request_id, seq=job.chunks_sent, data=data)
+        job.chunks_sent += 1
+        await send(chunk)
+
+    async def flush() -> None:
+        nonlocal pending, last_flush
+        first = job.first_token_at is None
+        if first:
+            job.first_token_at = time.monotonic()
+        data, pending = fmt.stream_delta(pending, first=first), ""
+        last_flush = time.monotonic()
+        await emit(data)
+
+    nxt: asyncio.Future[TokenBatch] | None = None
+    try:
+        while True:
+            if nxt is None:
+                nxt = asyncio.ensure_future(_anext(stream))
+            timeout = None
+            if pending and job.stream:
+                timeout = max(0.0, last_flush + chunk_interval - time.monotonic())
+            done, _ = await asyncio.wait((nxt,), timeout=timeout)
+            if not done:
+                # Text has waited a full interval: send it, keep the same await.
+                await flush()
+                continue
+            try:
+                batch = nxt.result()
+            except StopAsyncIteration:
+                raise EngineError("error_internal", "engine ended without a finish") from None
+            finally:
+                nxt = None
+            job.prompt_tokens = batch.prompt_tokens
+            job.completion_tokens = batch.completion_tokens
+            if batch.finish_reason is not None:
+                final = batch
+                pending += batch.text
+                break
+            if not batch.text:
+                continue
+            if job.stream:
+                pending += batch.text
+                if job.first_token_at is None or time.monotonic() - last_flush >= chunk_interval:
+                    await flush()
+            else:
+                if job.first_token_at is None:
+                    job.first_token_at = time.monotonic()
+                text_parts.append(batch.text)
+    except EngineError as exc:
+        return Outcome(exc.status, str(exc), exc.retryable)
+    finally:
+        if final is None:
+            job.cancel.set()
+        await _close_stream(stream, nxt)
+
+    job.finished_at = time.monotonic()
+    if final.finish_reason == "cancelled":
+        if job.cancel_reason == "deadline":
+            return Outcome("provider_timeout", "the request ran past its deadline", True)
+        return Outcome("cancelled", job.cancel_reason)
+    usage = job.usage()
+    if job.stream:
+        await emit(fmt.stream_end(pending, final.finish_reason, usage, first=job.chunks_sent == 0))
+    else:
+        text_parts.append(pending)
+        await emit(fmt.completion("".join(text_parts), final.finish_reason, usage))
+    return Outcome("complete")
+
+
+async def _anext(stream: AsyncIterator[TokenBatch]) -> TokenBatch:
+    return await stream.__anext__()
+
+
+async def _close_stream(
+    stream: AsyncIterator[TokenBatch], nxt: asyncio.Future[TokenBatch] | None
+) -> None:
+    # An async generator cannot be closed while a __anext__ of it is running:
+    # finish (cancel) that first, then aclose() so the engine frees the slot.
+    if nxt is not None and not nxt.done():
+        nxt.cancel()
+        with contextlib.suppress(BaseException):
+            await nxt
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
+class JobTable:
+    """The jobs of one connection, plus the ids that have already ended."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, Job] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def known(self, request_id: str) -> bool:
+        return request_id in self.running or request_id in self._ended
+
+    def ended(self, request_id: str) -> bool:
+        return request_id in self._ended
+
+    def add(self, job: Job) -> None:
+        self.running[job.request_id] = job
+        self._idle.clear()
+
+    def mark_ended(self, request_id: str) -> bool:
+        """Record that the end frame for ``request_id`` is being sent.
+
+        Returns False if it already was, so the caller sends nothing.
+        """
+        if request_id in self._ended:
+            return False
+        self._ended[request_id] = None
+        if len(self._ended) > ENDED_MEMORY:
+            self._ended.popitem(last=False)
+        self.running.pop(request_id, None)
+        if not self.running:
+            self._idle.set()
+        return True
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def cancel_all(self, reason: str) -> None:
+        for job in self.running.values():
+            job.request_cancel(reason)

@@ -1,0 +1,124 @@
+"""The provider's state machine: pure, no I/O.
+
+The state is derived, never set directly, from a handful of facts:
+
+- ``registered``: a hello_ack arrived on the current connection. A provider
+  that is not registered is ``unavailable``; only :meth:`StateMachine.registered`
+  leaves ``unavailable``, which is the coordinator's rule that recovery from
+  unavailable is a fresh registration.
+- ``draining``: a drain was asked for (coordinator ``drain`` or a signal).
+- ``degraded`` reasons: model loading, warm-up running, engine failure.
+- slots: ``slots_free = max(0, slots_total - in_flight)``; no free slot is
+  ``busy``.
+
+Precedence: unavailable, draining, degraded, busy, ready. Each input
+returns the new :class:`Status` when (state, reason) changed, else ``None``,
+so the caller sends exactly one ``state_update`` per change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from provider.protocol import ProviderState
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    state: ProviderState
+    reason: str
+    slots_free: int
+    slots_total: int
+
+
+@dataclass
+class StateMachine:
+    slots_total: int
+    registered_now: bool = False
+    draining: bool = False
+    in_flight: int = 0
+    degraded_reasons: list[str] = field(default_factory=list)
+    disconnect_reason: str = "not_connected"
+    _last: tuple[ProviderState, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.slots_total < 1:
+            raise ValueError("slots_total must be >= 1")
+        self._last = (self.state, self.reason)
+
+    @property
+    def slots_free(self) -> int:
+        return max(0, self.slots_total - self.in_flight)
+
+    @property
+    def state(self) -> ProviderState:
+        if not self.registered_now:
+            return "unavailable"
+        if self.draining:
+            return "draining"
+        if self.degraded_reasons:
+            return "degraded"
+        if self.in_flight >= self.slots_total:
+            return "busy"
+        return "ready"
+
+    @property
+    def reason(self) -> str:
+        state = self.state
+        if state == "unavailable":
+            return self.disconnect_reason
+        if state == "draining":
+            return "drain_requested"
+        if state == "degraded":
+            return self.degraded_reasons[-1]
+        if state == "busy":
+            return "all_slots_busy"
+        return "ok"
+
+    def status(self) -> Status:
+        return Status(self.state, self.reason, self.slots_free, self.slots_total)
+
+    def _changed(self) -> Status | None:
+        now = (self.state, self.reason)
+        if now == self._last:
+            return None
+        self._last = now
+        return self.status()
+
+    # Inputs ---------------------------------------------------------------
+
+    def registered(self) -> Status | None:
+        self.registered_now = True
+        return self._changed()
+
+    def disconnected(self, reason: str) -> Status | None:
+        self.registered_now = False
+        self.disconnect_reason = reason
+        return self._changed()
+
+    def degrade(self, reason: str) -> Status | None:
+        if reason not in self.degraded_reasons:
+            self.degraded_reasons.append(reason)
+        return self._changed()
+
+    def recover(self, reason: str) -> Status | None:
+        if reason in self.degraded_reasons:
+            self.degraded_reasons.remove(reason)
+        return self._changed()
+
+    def start_drain(self) -> Status | None:
+        self.draining = True
+        return self._changed()
+
+    def job_started(self) -> Status | None:
+        self.in_flight += 1
+        return self._changed()
+
+    def job_finished(self) -> Status | None:
+        if self.in_flight <= 0:
+            raise RuntimeError("job_finished without a job in flight")
+        self.in_flight -= 1
+        return self._changed()
+
+    def can_accept(self) -> bool:
+        return self.state == "ready"
