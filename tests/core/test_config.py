@@ -1,0 +1,112 @@
+"""Config layering, one-line errors naming the key, token file permissions, atomic persist."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from provider.config import ConfigError, ensure_provider_id, load_config, persist_keys
+
+URL = "ws://127.0.0.1:9/ws/provider"
+
+
+def write(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    os.chmod(path, mode)
+    return path
+
+
+def test_layers_file_env_flags(tmp_path: Path) -> None:
+    f = write(
+        tmp_path / "c.toml", f'coordinator_url = "{URL}"\nmodel = "/m"\nmax_concurrency = 2\n'
+    )
+    env = {"MLX_PROVIDER_MAX_CONCURRENCY": "3", "MLX_PROVIDER_DRAIN_TIMEOUT_S": "7.5"}
+    cfg, path = load_config(f, environ=env)
+    assert (cfg.max_concurrency, cfg.drain_timeout_s, path) == (3, 7.5, f)
+    cfg, _ = load_config(f, environ=env, overrides={"max_concurrency": 4, "model": None})
+    assert cfg.max_concurrency == 4 and cfg.model == "/m"
+
+
+def test_flags_alone_need_no_file(tmp_path: Path) -> None:
+    cfg, path = load_config(
+        None, environ={"HOME": str(tmp_path)}, overrides={"coordinator_url": URL, "model": "x"}
+    )
+    assert cfg.coordinator_url == URL and path.name == "config.toml"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "needle"),
+    [
+        ('max_concurrency = "lots"', {}, "max_concurrency"),
+        ("bogus_key = 1", {}, "bogus_key"),
+        ("", {"MLX_PROVIDER_MAX_CONCURRENCY": "zero"}, "MLX_PROVIDER_MAX_CONCURRENCY"),
+        ("", {"MLX_PROVIDER_NOPE": "1"}, "MLX_PROVIDER_NOPE"),
+        ("max_concurrency = 0", {}, "max_concurrency"),
+        ('status_host = "0.0.0.0"', {}, "status_host"),
+        ("this is = = not toml", {}, "TOML"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, text: str, env: dict, needle: str) -> None:
+    f = write(tmp_path / "c.toml", f'coordinator_url = "{URL}"\nmodel = "m"\n{text}\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(f, environ=env)
+    message = str(err.value)
+    assert needle in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("ws://example.com/ws/provider", "wss://"),
+        ("wss://user:pw@example.com/ws", "credentials"),
+        ("http://example.com", "scheme"),
+    ],
+)
+def test_unsafe_urls_refused(url: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, environ={}, overrides={"coordinator_url": url, "model": "m"})
+
+
+def test_loopback_ws_allowed() -> None:
+    for url in ("ws://localhost:1/ws", "ws://[::1]:1/ws", "wss://example.com/ws/provider"):
+        assert load_config(None, environ={}, overrides={"coordinator_url": url, "model": "m"})
+
+
+def test_missing_required_names_fix() -> None:
+    with pytest.raises(ConfigError, match="--coordinator"):
+        load_config(None, environ={}, overrides={"model": "m"})
+
+
+def test_token_file_with_wide_mode_is_refused(tmp_path: Path) -> None:
+    f = write(
+        tmp_path / "c.toml",
+        f'coordinator_url = "{URL}"\nmodel = "m"\nprovider_token = "s3cret"\n',
+        0o644,
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(f, environ={})
+    assert f"chmod 600 {f}" in str(err.value) and "s3cret" not in str(err.value)
+    os.chmod(f, 0o600)
+    assert load_config(f, environ={})[0].provider_token == "s3cret"
+
+
+def test_persist_keys_is_atomic_and_keeps_the_rest(tmp_path: Path) -> None:
+    f = write(tmp_path / "c.toml", '# mine\nmodel = "m"\n\n[extra]\nx = 1\n', 0o600)
+    persist_keys(f, {"provider_token": 'new"tok', "model": "m2"})
+    data = tomllib.loads(f.read_text())
+    assert data == {"model": "m2", "provider_token": 'new"tok', "extra": {"x": 1}}
+    assert "# mine" in f.read_text()
+    assert oct(f.stat().st_mode & 0o777) == oct(0o600)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.toml"]  # no temp files left
+
+
+def test_provider_id_generated_once(tmp_path: Path) -> None:
+    f = tmp_path / "sub" / "c.toml"
+    cfg, _ = load_config(None, environ={}, overrides={"coordinator_url": URL, "model": "m"})
+    first = ensure_provider_id(cfg, f)
+    assert first.provider_id and tomllib.loads(f.read_text())["provider_id"] == first.provider_id
+    again, _ = load_config(f, environ={}, overrides={"coordinator_url": URL, "model": "m"})
+    assert ensure_provider_id(again, f).provider_id == first.provider_id
