@@ -1,0 +1,115 @@
+"""An Engine for session tests: real thread, real cancel flag, no model.
+
+It honours the :class:`provider.engine.Engine` contract (batched hand-off from
+a generation thread, cancel checked every step, one final batch) so the
+session is exercised as with MLX, while tests control timing: ``block_s``
+blocks the generation thread before the first token (a long prefill), and
+``step_s`` is the time per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from provider.engine import EngineError, ModelInfo, TokenBatch
+from provider.protocol import ChatCompletionRequest
+
+
+@dataclass
+class ScriptedEngine:
+    tokens: int = 8
+    step_s: float = 0.001
+    block_s: float = 0.0
+    load_s: float = 0.0
+    context_limit: int = 4096
+    words: tuple[str, ...] = ("ok", " yes", " fine")
+    started: list[str] = field(default_factory=list)
+    _info: ModelInfo | None = None
+    _loading: bool = False
+    _active: int = 0
+
+    @property
+    def info(self) -> ModelInfo | None:
+        return self._info
+
+    @property
+    def loading(self) -> bool:
+        return self._loading
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    async def load(self) -> ModelInfo:
+        self._loading = True
+        try:
+            if self.load_s:
+                await asyncio.to_thread(time.sleep, self.load_s)
+            self._info = ModelInfo("scripted", 0.001, self.context_limit, 1, 100.0)
+            return self._info
+        finally:
+            self._loading = False
+
+    async def generate(
+        self, request: ChatCompletionRequest, cancel: threading.Event
+    ) -> AsyncIterator[TokenBatch]:
+        prompt = sum(len(m.text()) for m in request.messages)
+        if prompt > self.context_limit:
+            raise EngineError(
+                "error_context_exceeded",
+                f"prompt is {prompt} tokens; the limit is {self.context_limit}",
+            )
+        limit = min(self.tokens, request.token_limit() or self.tokens)
+        loop = asyncio.get_running_loop()
+        out: deque[TokenBatch] = deque()  # append/popleft are thread-safe
+        ready = asyncio.Event()
+        self._active += 1
+        self.started.append(request.messages[-1].text())
+
+        def push(batch: TokenBatch) -> None:
+            out.append(batch)
+            loop.call_soon_threadsafe(ready.set)
+
+        def run() -> None:
+            if self.block_s:
+                cancel.wait(self.block_s)  # a prefill that checks between chunks
+            made = 0
+            while made < limit and not cancel.is_set():
+                time.sleep(self.step_s)
+                made += 1
+                push(TokenBatch(self.words[made % len(self.words)], prompt, made))
+            if cancel.is_set():
+                push(TokenBatch("", prompt, made, "cancelled"))
+            else:
+                push(TokenBatch("", prompt, made, "length"))
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            while True:
+                await ready.wait()
+                ready.clear()
+                batches = []
+                while out:
+                    batches.append(out.popleft())
+                if not batches:
+                    continue
+                text = "".join(b.text for b in batches)
+                last = batches[-1]
+                yield TokenBatch(
+                    text, last.prompt_tokens, last.completion_tokens, last.finish_reason
+                )
+                if last.finish_reason is not None:
+                    return
+        finally:
+            cancel.set()
+            await asyncio.to_thread(thread.join)
+            self._active -= 1
+
+    async def close(self) -> None:
+        return None
