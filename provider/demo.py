@@ -1,0 +1,198 @@
+"""``mlx-provider demo``: the whole system on one machine, for real.
+
+Builds the tiny test model (unless ``--model`` names one), starts the
+coordinator stub and a provider as separate processes through their command
+lines, waits until the stub reports the provider ``ready`` (after its
+warm-up inference), streams one chat completion through the stub's
+OpenAI-compatible HTTP API to the terminal, prints the stub's
+``/v1/status`` and the timings, then stops both with SIGTERM (the provider
+drains) and checks that they exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+READY_LINE = re.compile(r"^ready ws=(\S+) http=(\S+)$")
+DEFAULT_PROMPT = "Tell me a short story about a lighthouse."
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run stub + provider + a local model and stream one completion",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", help="model directory or repo id (default: build the tiny model)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(asyncio.wait_for(run_demo(args), args.timeout))
+    except TimeoutError:
+        print(f"demo: gave up after {args.timeout:g} s", file=sys.stderr)
+        return 1
+
+
+def say(text: str) -> None:
+    print(f"\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"==> {text}", flush=True)
+
+
+async def _read_ready_line(proc: asyncio.subprocess.Process) -> tuple[str, str]:
+    assert proc.stdout is not None
+    while True:
+        line = await proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"coordinator stub exited with {await proc.wait()} before ready")
+        match = READY_LINE.match(line.decode().strip())
+        if match:
+            return match.group(1), match.group(2)
+
+
+async def _wait_ready(http: aiohttp.ClientSession, url: str, provider_id: str) -> dict[str, Any]:
+    # Pool events: the snapshot comes first, then changes; no polling needed.
+    async with http.get(f"{url}/v1/events") as resp:
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            if _ready_in(json.loads(line[5:]), provider_id):
+                break
+    async with http.get(f"{url}/v1/status") as resp:
+        return await resp.json()
+
+
+def _ready_in(event: Any, provider_id: str) -> bool:
+    """True if a pool event (or snapshot) shows ``provider_id`` ready."""
+    if isinstance(event, dict):
+        if event.get("provider_id") == provider_id and event.get("state") == "ready":
+            return True
+        if event.get("id") == provider_id and event.get("state") == "ready":
+            return True
+        return any(_ready_in(v, provider_id) for v in event.values())
+    if isinstance(event, list):
+        return any(_ready_in(v, provider_id) for v in event)
+    return False
+
+
+async def _stream_completion(
+    http: aiohttp.ClientSession, url: str, model: str, prompt: str, max_tokens: int
+) -> dict[str, Any]:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first = last = None
+    usage: dict[str, Any] = {}
+    finish = None
+    async with http.post(f"{url}/v1/chat/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"completion failed: HTTP {resp.status}: {await resp.text()}")
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices", []):
+                text = choice.get("delta", {}).get("content")
+                if text:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    print(text, end="", flush=True)
+                finish = choice.get("finish_reason") or finish
+    print(flush=True)
+    end = time.perf_counter()
+    tokens = usage.get("completion_tokens", 0)
+    decode_s = (last - first) if first and last else 0.0
+    return {
+        "ttft_ms": round(((first or end) - start) * 1000, 1),
+        "total_ms": round((end - start) * 1000, 1),
+        "completion_tokens": tokens,
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "decode_tok_s": round((tokens - 1) / decode_s, 1) if decode_s > 0 and tokens > 1 else None,
+        "finish_reason": finish,
+    }
+
+
+async def _stop(proc: asyncio.subprocess.Process, name: str, timeout: float = 30.0) -> int:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        code = await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        proc.kill()
+        code = await proc.wait()
+        say(f"{name} did not stop in {timeout:g} s; killed")
+    return code
+
+
+async def run_demo(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="mlx-provider-demo-"))
+    model = args.model
+    if model is None:
+        from provider.testing.model import build_test_model
+
+        say("building the tiny test model (random weights, local, no download)")
+        model = str(build_test_model(workdir / "tiny-model", size="tiny"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    say("starting the coordinator stub")
+    stub = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "coordinator_stub", "--ws-port", "0", "--http-port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=(workdir / "stub.log").open("wb"), env=env,
+    )  # fmt: skip
+    provider: asyncio.subprocess.Process | None = None
+    codes: dict[str, int] = {}
+    try:
+        ws_url, http_url = await _read_ready_line(stub)
+        say(f"stub ready: ws={ws_url} http={http_url}")
+        say("starting the provider")
+        provider = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "provider", "serve", "--coordinator", ws_url,
+            "--model", model, "--provider-id", "demo-provider", "--token", "demo-token",
+            "--status-port", "0",
+            stdin=asyncio.subprocess.DEVNULL, stderr=(workdir / "provider.log").open("wb"), env=env,
+        )  # fmt: skip
+        async with aiohttp.ClientSession() as http:
+            t0 = time.perf_counter()
+            await _wait_ready(http, http_url, "demo-provider")
+            say(f"provider registered and warmed up in {time.perf_counter() - t0:.1f} s")
+            say(f"streaming a completion: {args.prompt!r}")
+            timings = await _stream_completion(
+                http, http_url, Path(model).name, args.prompt, args.max_tokens
+            )
+            async with http.get(f"{http_url}/v1/status") as resp:
+                status = await resp.json()
+        say("stub /v1/status")
+        print(json.dumps(status, indent=2))
+        say("timings")
+        print(json.dumps(timings, indent=2))
+    finally:
+        if provider is not None:
+            codes["provider"] = await _stop(provider, "provider")
+        codes["stub"] = await _stop(stub, "stub")
+    say(f"exit codes: {codes}; logs in {workdir}")
+    return 0 if all(code == 0 for code in codes.values()) else 1
