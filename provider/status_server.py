@@ -54,8 +54,7 @@ def _check_loopback(host: str) -> None:
     if not loopback:
         # The status page shows the provider id and traffic: keep it on this Mac.
         raise ValueError(
-            f"status_host must be a loopback address (127.0.0.1, ::1 or localhost), "
-            f"got {host!r}"
+            f"status_host must be a loopback address (127.0.0.1, ::1 or localhost), got {host!r}"
         )
 
 

@@ -229,9 +229,7 @@ def test_install_reports_launchctl_failure(
     assert "Domain does not support specified action" in err
 
 
-def test_uninstall(
-    launchctl: Path, fake_bin: FakeBin, home: Path, config: Path, capsys
-) -> None:
+def test_uninstall(launchctl: Path, fake_bin: FakeBin, home: Path, config: Path, capsys) -> None:
     service.install(config, **mac(home=home))
     launchctl.unlink()
     assert service.uninstall(**mac(home=home)) == 0

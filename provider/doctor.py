@@ -1,0 +1,592 @@
+"""``mlx-provider doctor``: check everything the agent needs, say how to fix what is wrong.
+
+:func:`run_checks` runs every check and returns one :class:`CheckResult`
+each; :func:`format_results` renders them. The checks take plain values
+(the coordinator URL, token, model...), not the config object, so they also
+diagnose a config that does not load.
+
+The provider token is never part of a result: it is only sent, as
+``Authorization: Bearer``, in the WebSocket handshake with the coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform as _platform
+import re
+import shutil
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.frames import Close
+
+from provider.logs import default_log_dir
+from provider.service import DEFAULT_LABEL, LaunchAgent, host_platform, service_state
+
+__all__ = [
+    "CheckResult",
+    "check_config_file",
+    "check_coordinator",
+    "check_hardware",
+    "check_log_dir",
+    "check_memory",
+    "check_mlx",
+    "check_model",
+    "check_python",
+    "check_service",
+    "check_token",
+    "format_results",
+    "run_checks",
+    "total_memory_bytes",
+]
+
+#: Share of RAM the weights may take: macOS lets the GPU wire about 2/3 to 3/4.
+MAX_WEIGHTS_SHARE = 0.75
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check: its name, whether it passed, what was found, and the fix.
+
+    ``fix`` is set when ``ok`` is false. A check that does not apply here
+    (launchd on Linux) has ``ok`` true and ``skipped`` true.
+    """
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+    skipped: bool = False
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.1f} GiB"
+
+
+def _sysctl(name: str) -> str | None:
+    exe = shutil.which("sysctl") or "/usr/sbin/sysctl"
+    try:
+        proc = subprocess.run([exe, "-n", name], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+# --------------------------------------------------------------------------
+# Machine
+
+
+def check_python() -> CheckResult:
+    """Report the interpreter and the OS."""
+    # Always passes: the package cannot be installed on an older Python.
+    version = _platform.python_version()
+    where = f"{_platform.python_implementation()} {version} ({sys.executable}) on "
+    where += f"{_platform.system()} {_platform.release()} {_platform.machine()}"
+    return CheckResult("python", True, where)
+
+
+def check_hardware(*, platform: str | None = None, machine: str | None = None) -> CheckResult:
+    """Apple Silicon on macOS (``arm64``, and not an x86_64 Python under Rosetta)."""
+    platform = host_platform(platform)
+    machine = machine or _platform.machine()
+    if platform != "darwin":
+        return CheckResult(
+            "apple silicon",
+            True,
+            f"{platform} {machine}: MLX runs on the CPU only (development use)",
+            skipped=True,
+        )
+    if machine == "arm64":
+        return CheckResult("apple silicon", True, "arm64")
+    if _sysctl("sysctl.proc_translated") == "1":
+        return CheckResult(
+            "apple silicon",
+            False,
+            f"this Python is {machine}, running under Rosetta on Apple Silicon",
+            "install an arm64 Python (python.org universal installer, or Homebrew in "
+            "/opt/homebrew) and reinstall mlx-provider with it",
+        )
+    return CheckResult(
+        "apple silicon", False, f"{machine} Mac", "MLX needs an Apple Silicon (M-series) Mac"
+    )
+
+
+def total_memory_bytes(*, platform: str | None = None) -> int | None:
+    """Physical memory: ``sysctl hw.memsize`` on macOS, ``/proc/meminfo`` on Linux."""
+    if host_platform(platform) == "darwin":
+        value = _sysctl("hw.memsize")
+        return int(value) if value and value.isdigit() else None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(*, platform: str | None = None) -> CheckResult:
+    """Total memory can be read (the model check compares the weights with it)."""
+    total = total_memory_bytes(platform=platform)
+    if total is None:
+        return CheckResult(
+            "memory", False, "could not read the total memory", "check that sysctl runs"
+        )
+    return CheckResult("memory", True, f"{_gib(total)} total")
+
+
+def check_mlx(*, platform: str | None = None) -> CheckResult:
+    """``mlx.core`` imports and has a default device (the GPU on macOS)."""
+    platform = host_platform(platform)
+    try:
+        # Imported here: slow, and absent on some hosts.
+        import mlx.core as mx
+    except Exception as exc:
+        package = "mlx" if platform == "darwin" else "'mlx[cpu]'"
+        return CheckResult("mlx", False, f"cannot import mlx.core: {exc}", f"pip install {package}")
+    device = mx.default_device()
+    detail = f"mlx {getattr(mx, '__version__', '?')}, default device {device}"
+    if platform == "darwin" and device != mx.gpu:
+        return CheckResult(
+            "mlx",
+            False,
+            detail,
+            "MLX did not find the Metal GPU; it needs an Apple Silicon Mac with macOS 13.5+",
+        )
+    return CheckResult("mlx", True, detail)
+
+
+# --------------------------------------------------------------------------
+# Model
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache, as ``huggingface_hub`` resolves it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(cache).expanduser() / "huggingface" / "hub"
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    repo_dir = hf_hub_cache() / f"models--{repo_id.replace('/', '--')}"
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo_dir / "snapshots" / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    snapshots = sorted((repo_dir / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime)
+    return snapshots[-1] if snapshots else None
+
+
+def _missing_model_files(model_dir: Path) -> list[str]:
+    missing = []
+    if not (model_dir / "config.json").is_file():
+        missing.append("config.json")
+    if not any(model_dir.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))
+    return missing
+
+
+def _load(model_dir: Path) -> float:
+    from mlx_lm import load  # imports transformers: seconds
+
+    started = time.monotonic()
+    load(str(model_dir))
+    return time.monotonic() - started
+
+
+def check_model(
+    model: str | None,
+    *,
+    load: bool = False,
+    memory_bytes: int | None = None,
+    config_path: Path | None = None,
+) -> CheckResult:
+    """The model is a complete local directory, or a repo id in the Hugging Face cache.
+
+    Complete means ``config.json``, ``*.safetensors`` weights and a tokenizer
+    (``tokenizer.json`` or ``tokenizer.model``). With ``memory_bytes``, the
+    weights must fit in :data:`MAX_WEIGHTS_SHARE` of it. With ``load``, the
+    model is also loaded with ``mlx_lm.load``, which blocks as long as the
+    agent's start does.
+    """
+    where = f" in {config_path}" if config_path else ""
+    if not model:
+        return CheckResult(
+            "model",
+            False,
+            "no model configured",
+            f"set model{where} to a local model directory or a Hugging Face repo id",
+        )
+    local = Path(model).expanduser()
+    if local.exists() or not _REPO_ID.match(model):
+        if not local.is_dir():
+            return CheckResult(
+                "model",
+                False,
+                f"model directory {local} does not exist",
+                f"download the model there, or set model{where} to the right directory",
+            )
+        model_dir, source = local, str(local)
+        download = f"download the complete model into {local}"
+    else:
+        snapshot = _cached_snapshot(model)
+        if snapshot is None:
+            return CheckResult(
+                "model",
+                False,
+                f"{model} is not in the Hugging Face cache ({hf_hub_cache()})",
+                f"download it first: hf download {model}",
+            )
+        model_dir, source = snapshot, f"{model} (cached at {snapshot})"
+        download = f"download it again: hf download {model}"
+    missing = _missing_model_files(model_dir)
+    if missing:
+        return CheckResult("model", False, f"{source} lacks {', '.join(missing)}", download)
+    weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    detail = f"{source}, {_gib(weights)} of weights"
+    if memory_bytes and weights > MAX_WEIGHTS_SHARE * memory_bytes:
+        return CheckResult(
+            "model",
+            False,
+            f"{detail}: more than {MAX_WEIGHTS_SHARE:.0%} of {_gib(memory_bytes)} memory",
+            "use a smaller or more quantized model (e.g. a 4-bit mlx-community build)",
+        )
+    if load:
+        try:
+            seconds = _load(model_dir)
+        except Exception as exc:
+            return CheckResult(
+                "model",
+                False,
+                f"{detail}; mlx_lm.load failed: {type(exc).__name__}: {exc}",
+                "check that the model is an MLX-compatible architecture and upgrade mlx-lm",
+            )
+        detail += f", loads in {seconds:.1f} s"
+    return CheckResult("model", True, detail)
+
+
+# --------------------------------------------------------------------------
+# Configuration
+
+
+def check_config_file(config_path: Path) -> CheckResult:
+    """The config file exists, is valid TOML, and is private if it holds the token."""
+    if not config_path.is_file():
+        return CheckResult(
+            "config file",
+            False,
+            f"{config_path} does not exist",
+            f"create {config_path} with coordinator_url, provider_token and model, "
+            "or pass --config PATH",
+        )
+    try:
+        data = tomllib.loads(config_path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        return CheckResult(
+            "config file", False, f"{config_path}: not valid TOML: {exc}", "fix its syntax"
+        )
+    except OSError as exc:
+        return CheckResult(
+            "config file",
+            False,
+            f"cannot read {config_path}: {exc.strerror}",
+            f"make it readable by you: chmod 600 {config_path}",
+        )
+    mode = stat.S_IMODE(config_path.stat().st_mode)
+    if "provider_token" in data and mode & 0o077:
+        return CheckResult(
+            "config file",
+            False,
+            f"{config_path} holds provider_token but has mode {mode:04o} (readable by others)",
+            f"chmod 600 {config_path}",
+        )
+    return CheckResult("config file", True, f"{config_path} (mode {mode:04o})")
+
+
+def check_token(token: str | None, *, config_path: Path | None = None) -> CheckResult:
+    """A provider token is configured. Says how long it is, never what it is."""
+    if not token:
+        where = f" in {config_path}" if config_path else " in the config file"
+        return CheckResult(
+            "provider token",
+            False,
+            "no provider token",
+            f"set provider_token{where} (or MLX_PROVIDER_PROVIDER_TOKEN)",
+        )
+    return CheckResult("provider token", True, f"set ({len(token)} characters)")
+
+
+# --------------------------------------------------------------------------
+# Coordinator
+
+
+async def _tcp_check(host: str, port: int, timeout: float) -> CheckResult:
+    name = "coordinator tcp"
+    fix = "check coordinator_url, your network and firewall; is the coordinator up?"
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except TimeoutError:
+        return CheckResult(name, False, f"{host}:{port}: no answer within {timeout:g} s", fix)
+    except socket.gaierror as exc:
+        return CheckResult(
+            name,
+            False,
+            f"cannot resolve {host}: {exc.strerror}",
+            "check the host name in coordinator_url and your DNS",
+        )
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return CheckResult(name, False, f"cannot connect to {host}:{port}: {reason}", fix)
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return CheckResult(name, True, f"{host}:{port} accepts connections")
+
+
+async def _websocket_check(url: str, token: str, timeout: float, settle: float) -> CheckResult:
+    name = "coordinator websocket"
+    token_fix = "check provider_token; ask the marketplace for a new token if it was revoked"
+    try:
+        async with connect(
+            url,
+            additional_headers={"Authorization": f"Bearer {token}"},
+            proxy=None,
+            open_timeout=timeout,
+            ping_interval=None,
+            close_timeout=timeout,
+        ) as ws:
+            # A coordinator that refuses the token after the upgrade closes at
+            # once; one that accepts it waits for our hello.
+            closed = await _closed_within(ws, settle)
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        if status in (401, 403):
+            detail, fix = f"HTTP {status}: the coordinator refused the token", token_fix
+        elif status == 404:
+            detail = "HTTP 404: no WebSocket endpoint at this path"
+            fix = "check the path in coordinator_url"
+        else:
+            detail, fix = f"HTTP {status} instead of 101", "retry later; the coordinator is unwell"
+        return CheckResult(name, False, detail, fix)
+    except ssl.SSLCertVerificationError as exc:
+        return CheckResult(
+            name,
+            False,
+            f"TLS certificate not trusted: {exc.verify_message}",
+            "install root certificates (python.org Python: run 'Install Certificates.command')",
+        )
+    except (InvalidURI, InvalidHandshake, OSError, TimeoutError) as exc:
+        return CheckResult(
+            name,
+            False,
+            f"handshake failed: {type(exc).__name__}: {exc}",
+            "check coordinator_url (wss://HOST/PATH) and that it is the provider endpoint",
+        )
+    if closed is not None:
+        code = closed.code
+        reason = f" ({closed.reason})" if closed.reason else ""
+        auth_codes = (1008, 4001, 4003, 4401, 4403)
+        return CheckResult(
+            name,
+            False,
+            f"handshake accepted, then closed by the coordinator: code {code}{reason}",
+            token_fix if code in auth_codes else "see the close code; retry later",
+        )
+    return CheckResult(name, True, "handshake accepted (HTTP 101) with the provider token")
+
+
+async def _closed_within(ws: ClientConnection, seconds: float) -> Close | None:
+    """The close frame if the peer closes within ``seconds``; None otherwise."""
+    if seconds <= 0:
+        return None
+    try:
+        await asyncio.wait_for(ws.recv(), seconds)
+    except TimeoutError:
+        return None
+    except ConnectionClosed as exc:
+        return exc.rcvd or Close(1006, "")
+    return None  # it sent a message: it is talking to us
+
+
+async def check_coordinator(
+    url: str | None,
+    token: str | None,
+    *,
+    timeout: float = 5.0,
+    settle: float = 1.0,
+) -> list[CheckResult]:
+    """Two results: a TCP connection to the coordinator, then a WebSocket handshake.
+
+    The handshake sends ``Authorization: Bearer <token>`` and reports the
+    HTTP status when refused; once accepted, it waits up to ``settle``
+    seconds for the coordinator to close (reporting the close code) before
+    closing itself. It is skipped when TCP fails or there is no token.
+    Each step gives up after ``timeout`` seconds. No proxy is used.
+    """
+    if not url:
+        fix = 'set coordinator_url = "wss://HOST/PATH" in the config file'
+        return [CheckResult("coordinator tcp", False, "no coordinator_url", fix)]
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        return [
+            CheckResult(
+                "coordinator tcp",
+                False,
+                f"coordinator_url {url!r} is not a ws:// or wss:// URL",
+                'set coordinator_url = "wss://HOST/PATH"',
+            )
+        ]
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    tcp = await _tcp_check(parts.hostname, port, timeout)
+    if not tcp.ok:
+        ws = CheckResult("coordinator websocket", True, "skipped: no TCP connection", skipped=True)
+    elif not token:
+        ws = CheckResult("coordinator websocket", True, "skipped: no token", skipped=True)
+    else:
+        ws = await _websocket_check(url, token, timeout, settle)
+        # Belt and braces: an exception text could echo a header.
+        ws = CheckResult(ws.name, ws.ok, ws.detail.replace(token, "***"), ws.fix, ws.skipped)
+    return [tcp, ws]
+
+
+# --------------------------------------------------------------------------
+# Service and logs
+
+
+def check_service(
+    *,
+    label: str = DEFAULT_LABEL,
+    uid: int | None = None,
+    config_path: Path | None = None,
+    platform: str | None = None,
+) -> CheckResult:
+    """The LaunchAgent is loaded and running (``launchctl print``). macOS only."""
+    platform = host_platform(platform)
+    name = "launchd service"
+    if platform != "darwin":
+        return CheckResult(
+            name,
+            True,
+            f"skipped on {platform}; see deploy/mlx-provider.service for systemd",
+            skipped=True,
+        )
+    if shutil.which("launchctl") is None:
+        return CheckResult(name, False, "launchctl not found on PATH", "add /bin to PATH")
+    state = service_state(LaunchAgent(label, uid=uid))
+    install = "mlx-provider install" + (f" --config {config_path}" if config_path else "")
+    if state is None:
+        return CheckResult(name, False, f"{label} is not loaded", install)
+    if state.state == "running":
+        return CheckResult(name, True, f"{label} running (pid {state.pid})")
+    exit_code = state.last_exit_code or "(never exited)"
+    detail = f"{label} loaded, {state.state}, last exit code {exit_code}"
+    if exit_code in ("0", "(never exited)"):
+        return CheckResult(name, True, detail + "; start it with mlx-provider start")
+    return CheckResult(
+        name, False, detail, "see why with `mlx-provider logs`, then `mlx-provider start`"
+    )
+
+
+def check_log_dir(log_dir: Path) -> CheckResult:
+    """The log directory exists and is writable, or could be created."""
+    existing = log_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return CheckResult(
+            "log directory",
+            False,
+            f"{existing} is not a directory, so {log_dir} cannot be created",
+            f"remove or rename {existing}, or set log_file elsewhere",
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return CheckResult(
+            "log directory",
+            False,
+            f"{existing} is not writable by you",
+            f"chown -R $(id -un) {existing}",
+        )
+    detail = str(log_dir) if existing == log_dir else f"{log_dir} (will be created)"
+    return CheckResult("log directory", True, detail)
+
+
+# --------------------------------------------------------------------------
+
+
+async def run_checks(
+    *,
+    # What the agent uses.
+    coordinator_url: str | None,
+    token: str | None,
+    model: str | None,
+    config_path: Path,
+    log_dir: Path | None = None,
+    # The service.
+    label: str = DEFAULT_LABEL,
+    uid: int | None = None,
+    # How to check.
+    load_model: bool = False,
+    timeout: float = 5.0,
+    settle: float = 1.0,
+    platform: str | None = None,
+) -> list[CheckResult]:
+    """Run every check, in order; never raises for a failed check.
+
+    ``log_dir`` defaults to :func:`provider.logs.default_log_dir`. With
+    ``load_model``, the model is loaded too (slow). ``timeout`` and
+    ``settle`` are for :func:`check_coordinator`. ``platform`` (default: the
+    host's) selects the macOS-only checks.
+    """
+    memory = total_memory_bytes(platform=platform)
+    results = [
+        check_python(),
+        check_hardware(platform=platform),
+        check_memory(platform=platform),
+        check_mlx(platform=platform),
+        # In a thread: loading a model blocks for seconds to minutes.
+        await asyncio.to_thread(
+            check_model, model, load=load_model, memory_bytes=memory, config_path=config_path
+        ),
+        check_config_file(config_path),
+        check_token(token, config_path=config_path),
+        *await check_coordinator(coordinator_url, token, timeout=timeout, settle=settle),
+        check_service(label=label, uid=uid, config_path=config_path, platform=platform),
+        check_log_dir(log_dir or default_log_dir(platform=host_platform(platform))),
+    ]
+    return results
+
+
+def format_results(results: list[CheckResult]) -> str:
+    """One line a check (``ok``, ``FAIL`` or ``skip``), each fix under its failure,
+    and a summary line."""
+    width = max((len(r.name) for r in results), default=0)
+    lines = []
+    for r in results:
+        mark = "skip" if r.skipped else "ok" if r.ok else "FAIL"
+        lines.append(f"{mark:<4}  {r.name:<{width}}  {r.detail}")
+        if not r.ok and r.fix:
+            lines.append(f"{'':<4}  {'':<{width}}  fix: {r.fix}")
+    failed = sum(not r.ok for r in results)
+    lines.append(f"{failed} problem{'s' if failed != 1 else ''} found" if failed else "all good")
+    return "\n".join(lines)
