@@ -30,7 +30,9 @@ class SleepAssertion:
     Call :meth:`job_started` and :meth:`job_finished` around every job: the
     assertion is taken when the first job starts and released when the last
     one finishes, so overlapping jobs share one ``caffeinate`` process. With
-    ``always=True`` it is taken by :meth:`start` and held until :meth:`close`.
+    ``always=True`` it is taken at construction and held until :meth:`close`.
+    Methods are synchronous and quick (spawn or terminate one process), so
+    they may be called from the event loop.
 
     ``-w <pid>`` makes ``caffeinate`` exit when this process does, so a crash
     never leaves the Mac unable to sleep. ``-i`` prevents idle sleep only: the
@@ -56,6 +58,8 @@ class SleepAssertion:
         self.jobs = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._explained = False
+        if always:
+            self._acquire()
 
     @property
     def held(self) -> bool:
@@ -68,7 +72,10 @@ class SleepAssertion:
         return self._proc.pid if self.held and self._proc else None
 
     def start(self) -> None:
-        """Take the assertion now with ``always=True``; otherwise only log availability."""
+        """Say in the log whether an assertion is available; with ``always``, make sure it is held.
+
+        Optional: :meth:`job_started` works without it.
+        """
         if self.always:
             self._acquire()
         else:

@@ -260,11 +260,12 @@ def format_status_table(status: Mapping[str, Any], *, now: float | None = None) 
 
     Reads these keys, showing ``-`` for any that is missing: ``connection``,
     ``state``, ``state_reason``, ``provider_id``, ``assigned_id``,
-    ``coordinator_url``, ``last_heartbeat_sent_unix``, ``jobs_in_flight``,
-    ``totals`` (``requests``, ``complete``, ``cancelled``, ``errors``,
-    ``tokens_generated``), ``model`` (``id``, ``params_b``, ``loading``,
-    ``max_context_tokens``), ``memory`` (``rss_bytes``), ``reconnects``,
-    ``uptime_s``. ``now`` (default: the current time) dates the heartbeat.
+    ``coordinator_url``, ``last_heartbeat_sent_unix``, ``jobs_in_flight``
+    (with ``slots_free`` and ``slots_total`` when present), ``totals``
+    (``requests``, ``complete``, ``cancelled``, ``errors``, ``tokens_generated``),
+    ``model`` (``id``, ``params_b``, ``loading``, ``max_context_tokens``),
+    ``memory`` (``rss_bytes``), ``reconnects``, ``uptime_s``.
+    ``now`` (default: the current time) dates the heartbeat.
     """
     now = time.time() if now is None else now
     totals = status.get("totals") or {}
@@ -288,6 +289,10 @@ def format_status_table(status: Mapping[str, Any], *, now: float | None = None) 
     if model.get("loading"):
         model_text += " [loading]"
 
+    in_flight = _text(status.get("jobs_in_flight"))
+    if status.get("slots_total"):
+        in_flight += f" ({_text(status.get('slots_free'))} of {status['slots_total']} slots free)"
+
     requests_text = _text(totals.get("requests"))
     if totals:
         requests_text += (
@@ -302,7 +307,7 @@ def format_status_table(status: Mapping[str, Any], *, now: float | None = None) 
         ("assigned id", _text(status.get("assigned_id"))),
         ("coordinator", _text(status.get("coordinator_url"))),
         ("last heartbeat", heartbeat_text),
-        ("jobs in flight", _text(status.get("jobs_in_flight"))),
+        ("jobs in flight", in_flight),
         ("requests", requests_text),
         ("tokens generated", _text(totals.get("tokens_generated"))),
         ("model", model_text),

@@ -80,10 +80,11 @@ def test_overlapping_jobs_share_one_process(
     wait_until(lambda: len(started(caffeinate_log)) == 2)
 
 
-def test_always_holds_from_start_until_close(caffeinate_log: Path) -> None:
+def test_always_holds_from_construction_until_close(caffeinate_log: Path) -> None:
     sa = SleepAssertion(always=True, platform="darwin")
-    sa.start()
     pid = sa.process_id
+    sa.start()
+    assert sa.process_id == pid
     assert pid is not None
     sa.job_started()
     sa.job_finished()

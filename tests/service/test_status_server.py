@@ -27,6 +27,8 @@ def sample_status(**overrides: Any) -> dict[str, Any]:
         "coordinator_url": "wss://coord.example/v1/provider",
         "last_heartbeat_sent_unix": NOW - 12,
         "jobs_in_flight": 1,
+        "slots_free": 3,
+        "slots_total": 4,
         "totals": {
             "requests": 120,
             "complete": 115,
@@ -149,7 +151,7 @@ def test_status_table() -> None:
         "assigned id       prov_7f2c",
         "coordinator       wss://coord.example/v1/provider",
         "last heartbeat    12s ago",
-        "jobs in flight    1",
+        "jobs in flight    1 (3 of 4 slots free)",
         "requests          120 (115 complete, 3 cancelled, 2 errors)",
         "tokens generated  45000",
         "model             mlx-community/Qwen2.5-7B-Instruct-4bit (7.6B params, context 32768)",
