@@ -1,0 +1,367 @@
+"""``coordinator-stub`` command line.
+
+Starts a :class:`~coordinator_stub.app.CoordinatorStub`, prints exactly one
+line ``ready ws=ws://HOST:PORT/ws/provider http=http://HOST:PORT`` on stdout
+once both listeners are up, logs to stderr, and exits 0 on SIGTERM or SIGINT
+after a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .app import CoordinatorStub
+from .config import WS_PATH, StubConfig
+
+logger = logging.getLogger("coordinator_stub.cli")
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(StubConfig)}
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"not a duration in seconds: {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0 (use the --no-... flag to disable)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = _DEFAULTS
+    parser = argparse.ArgumentParser(
+        prog="coordinator-stub",
+        description=(
+            "Stand-in for the compute marketplace coordinator: provider WebSocket "
+            f"endpoint ({WS_PATH}) with the real coordinator's timers, and an "
+            "OpenAI-compatible buyer API. Prints 'ready ws=... http=...' on stdout "
+            "when listening; exits 0 on SIGTERM/SIGINT. Times are in seconds."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    g = parser.add_argument_group("listeners")
+    g.add_argument("--host", default=d["host"], help="interface both listeners bind")
+    g.add_argument(
+        "--ws-port",
+        type=int,
+        default=d["ws_port"],
+        help=f"provider WebSocket port (path {WS_PATH}); 0 picks a free port",
+    )
+    g.add_argument(
+        "--http-port",
+        type=int,
+        default=d["http_port"],
+        help="buyer API port; 0 picks a free port",
+    )
+
+    g = parser.add_argument_group("authentication")
+    g.add_argument(
+        "--token",
+        dest="tokens",
+        action="append",
+        default=[],
+        metavar="T",
+        help="accepted provider token (repeatable); none given = any token accepted; "
+        "a rejected token is closed with 4005",
+    )
+    g.add_argument(
+        "--issue-provider-token",
+        action="store_true",
+        help="put a generated assigned_provider_token in every hello_ack",
+    )
+
+    g = parser.add_argument_group("handshake")
+    g.add_argument(
+        "--hello-timeout",
+        dest="hello_timeout_s",
+        type=_positive_seconds,
+        default=d["hello_timeout_s"],
+        metavar="S",
+        help="close 4000 when no hello arrives within S",
+    )
+    g.add_argument(
+        "--heartbeat-interval",
+        dest="heartbeat_interval_s",
+        type=int,
+        default=d["heartbeat_interval_s"],
+        metavar="N",
+        help="hello_ack.heartbeat_interval_s (integer seconds, 1..3600)",
+    )
+    g.add_argument("--tier", default=d["tier"], help="hello_ack.tier")
+
+    g = parser.add_argument_group("warm-up and wake")
+    g.add_argument(
+        "--no-warmup-gate",
+        dest="warmup_gate",
+        action="store_false",
+        help="mark new providers ready without the stub's 2-token warm-up request",
+    )
+    g.add_argument(
+        "--warmup-timeout",
+        dest="warmup_timeout_s",
+        type=_positive_seconds,
+        default=d["warmup_timeout_s"],
+        metavar="S",
+        help="cancel (reason timeout) and retry a warm-up request unanswered after S",
+    )
+    g.add_argument(
+        "--warmup-retry",
+        dest="warmup_retry_s",
+        type=_seconds,
+        default=d["warmup_retry_s"],
+        metavar="S",
+        help="pause between failed warm-ups",
+    )
+    g.add_argument(
+        "--wake-gap",
+        dest="wake_gap_s",
+        type=_positive_seconds,
+        default=d["wake_gap_s"],
+        metavar="S",
+        help="send warm_up when heartbeats resume after a gap longer than S",
+    )
+    g.add_argument(
+        "--no-wake-gap",
+        dest="wake_gap_s",
+        action="store_const",
+        const=None,
+        help="never send warm_up on a heartbeat gap",
+    )
+
+    g = parser.add_argument_group("hostile timers (the real coordinator's)")
+    g.add_argument(
+        "--write-deadline",
+        dest="write_deadline_s",
+        type=_positive_seconds,
+        default=d["write_deadline_s"],
+        metavar="S",
+        help="a text frame written by the stub arms a deadline of now+S, never cleared; "
+        "a client PING after it drops the session (cause write_deadline_pong)",
+    )
+    g.add_argument(
+        "--no-write-deadline",
+        dest="write_deadline_s",
+        action="store_const",
+        const=None,
+        help="answer client PINGs normally whatever the write idleness",
+    )
+    g.add_argument(
+        "--inactivity",
+        dest="inactivity_s",
+        type=_positive_seconds,
+        default=d["inactivity_s"],
+        metavar="S",
+        help="drop a provider with no well-formed text frame for S (cause inactivity); "
+        "binary and control frames do not count",
+    )
+    g.add_argument(
+        "--no-inactivity",
+        dest="inactivity_s",
+        action="store_const",
+        const=None,
+        help="never drop for inactivity",
+    )
+    g.add_argument(
+        "--grace",
+        dest="grace_s",
+        type=_seconds,
+        default=d["grace_s"],
+        metavar="S",
+        help="after a drop keep the provider unavailable for S, then remove it",
+    )
+    g.add_argument(
+        "--probe-timeout",
+        dest="probe_timeout_s",
+        type=_positive_seconds,
+        default=d["probe_timeout_s"],
+        metavar="S",
+        help="bound on writing each routed inference_request; exceeding it drops the "
+        "session (cause probe_failed)",
+    )
+    g.add_argument(
+        "--no-probe",
+        dest="probe_timeout_s",
+        action="store_const",
+        const=None,
+        help="do not bound inference_request writes",
+    )
+
+    g = parser.add_argument_group("limits and sockets")
+    g.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        default=d["max_frame_bytes"],
+        metavar="N",
+        help="largest provider frame; larger ones close the connection with 1009",
+    )
+    g.add_argument(
+        "--so-rcvbuf",
+        type=int,
+        default=d["so_rcvbuf"],
+        metavar="N",
+        help="SO_RCVBUF of accepted provider sockets (default: OS default)",
+    )
+    g.add_argument(
+        "--close-timeout",
+        dest="close_timeout_s",
+        type=_positive_seconds,
+        default=d["close_timeout_s"],
+        metavar="S",
+        help="how long a closing handshake may take",
+    )
+    g.add_argument(
+        "--frame-log-size",
+        type=int,
+        default=d["frame_log_size"],
+        metavar="N",
+        help="frames remembered per provider and direction",
+    )
+
+    g = parser.add_argument_group("buyer API")
+    g.add_argument(
+        "--keepalive",
+        dest="keepalive_s",
+        type=_positive_seconds,
+        default=d["keepalive_s"],
+        metavar="S",
+        help="': keepalive' SSE comment every S on streaming responses (never on "
+        "non-streaming ones); the first one commits 200",
+    )
+    g.add_argument(
+        "--no-keepalive",
+        dest="keepalive_s",
+        action="store_const",
+        const=None,
+        help="no keepalive comments",
+    )
+    g.add_argument(
+        "--request-timeout",
+        dest="request_timeout_s",
+        type=_positive_seconds,
+        default=d["request_timeout_s"],
+        metavar="S",
+        help="buyer request deadline: cancel_request (reason timeout) and 504",
+    )
+    g.add_argument(
+        "--cancel-grace",
+        dest="cancel_grace_s",
+        type=_seconds,
+        default=d["cancel_grace_s"],
+        metavar="S",
+        help="how long a cancelled request keeps its slot waiting for the end frame",
+    )
+    g.add_argument(
+        "--events-queue",
+        dest="events_queue_size",
+        type=int,
+        default=d["events_queue_size"],
+        metavar="N",
+        help="bound of each /v1/events subscriber queue (a full one loses events)",
+    )
+
+    g = parser.add_argument_group("faults (from start-up)")
+    g.add_argument(
+        "--delay-frames",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="delay every frame sent to providers by S",
+    )
+    g.add_argument(
+        "--duplicate-frames",
+        action="store_true",
+        help="send every frame to providers twice",
+    )
+    g.add_argument(
+        "--refuse-connections",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="refuse provider connections for the first S",
+    )
+    g.add_argument(
+        "--refuse-mode",
+        choices=("http_503", "unlisten"),
+        default="http_503",
+        help="how to refuse: HTTP 503 on the upgrade, or close the listening socket",
+    )
+    g.add_argument(
+        "--accept-then-close",
+        type=int,
+        default=0,
+        metavar="N",
+        help="accept then immediately close the next N WebSockets (-1: all)",
+    )
+
+    g = parser.add_argument_group("logging")
+    g.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="stderr log level",
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> StubConfig:
+    """The :class:`StubConfig` the parsed ``args`` describe."""
+    names = {f.name for f in dataclasses.fields(StubConfig)}
+    values: dict[str, Any] = {k: v for k, v in vars(args).items() if k in names}
+    return StubConfig(**values)
+
+
+async def run(config: StubConfig, args: argparse.Namespace) -> int:
+    stub = CoordinatorStub(config)
+    await stub.start()
+    try:
+        if args.delay_frames:
+            stub.delay_frames(args.delay_frames)
+        if args.duplicate_frames:
+            stub.duplicate_frames(True)
+        if args.refuse_connections:
+            stub.refuse_connections(args.refuse_connections, mode=args.refuse_mode)
+        if args.accept_then_close:
+            stub.accept_then_close(True if args.accept_then_close < 0 else args.accept_then_close)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        print(f"ready ws={stub.ws_url} http={stub.http_url}", flush=True)
+        await stop.wait()
+        logger.info("signal received, shutting down")
+    finally:
+        await stub.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``coordinator-stub``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        config = config_from_args(args)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    try:
+        return asyncio.run(run(config, args))
+    except OSError as exc:
+        logger.error("cannot start: %s", exc)
+        return 2
