@@ -571,6 +571,8 @@ def logs(
     if not files:
         where = ", ".join(str(p) for p in candidates)
         print(f"no logs yet (looked for {where})", file=sys.stderr)
+        if plat != "darwin":
+            print("under systemd: journalctl --user -u mlx-provider", file=sys.stderr)
         return 1
     if follow:
         tail = shutil.which("tail")
