@@ -270,7 +270,8 @@ class MlxEngine:
         max_context_tokens: context limit in tokens (prompt plus completion).
             None (default) takes the model config's ``max_position_embeddings``;
             a configured value is capped by the model's.
-        max_tokens: completion limit when the request gives none (default 512).
+        default_max_tokens: completion limit when the request gives none
+            (default 512).
 
     Prefill:
         prefill_step_size: prompt tokens per prefill chunk (default 512); also
@@ -293,7 +294,7 @@ class MlxEngine:
         trust_remote_code: bool = False,
         max_concurrency: int = 1,
         max_context_tokens: int | None = None,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
+        default_max_tokens: int = DEFAULT_MAX_TOKENS,
         prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
         prefill_batch_size: int = 1,
         warmup_tokens: int = DEFAULT_WARMUP_TOKENS,
@@ -301,15 +302,17 @@ class MlxEngine:
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
-        if max_tokens < 1 or prefill_step_size < 1 or prefill_batch_size < 1:
-            raise ValueError("max_tokens, prefill_step_size and prefill_batch_size must be >= 1")
+        if min(default_max_tokens, prefill_step_size, prefill_batch_size) < 1:
+            raise ValueError(
+                "default_max_tokens, prefill_step_size and prefill_batch_size must be >= 1"
+            )
         if max_context_tokens is not None and max_context_tokens < 2:
             raise ValueError("max_context_tokens must be >= 2")
         self.model = str(model)
         self.trust_remote_code = trust_remote_code
         self.max_concurrency = max_concurrency
         self.configured_context_tokens = max_context_tokens
-        self.max_tokens = max_tokens
+        self.default_max_tokens = default_max_tokens
         self.prefill_step_size = prefill_step_size
         self.prefill_batch_size = prefill_batch_size
         self.warmup_tokens = max(2, warmup_tokens)
@@ -541,7 +544,7 @@ class MlxEngine:
                 f"{limit} tokens (prompt plus completion), so there is no room for a "
                 "completion. Shorten the messages.",
             )
-        return min(requested or self.max_tokens, room)
+        return min(requested or self.default_max_tokens, room)
 
     def _new_job(
         self,
@@ -810,7 +813,7 @@ class MlxEngine:
         def make_generator() -> BatchGenerator:
             return BatchGenerator(
                 self._model,
-                max_tokens=self.max_tokens,
+                max_tokens=self.default_max_tokens,
                 completion_batch_size=self.max_concurrency,
                 prefill_batch_size=self.prefill_batch_size,
                 prefill_step_size=self.prefill_step_size,

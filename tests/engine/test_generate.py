@@ -91,7 +91,7 @@ async def test_max_tokens_gives_length_with_exact_count(engine: MlxEngine, limit
 
 
 async def test_default_max_tokens(make_engine: MakeEngine) -> None:
-    engine = await make_engine(max_tokens=9, ignore_eos=True)
+    engine = await make_engine(default_max_tokens=9, ignore_eos=True)
     batches = await collect(engine, chat())
     assert (batches[-1].finish_reason, batches[-1].completion_tokens) == ("length", 9)
 
