@@ -184,6 +184,8 @@ def setup_logging(
     stream: TextIO | None = None,
     # How it looks on the stream.
     json: bool | None = None,
+    # Other loggers routed through the same handlers, at WARNING.
+    libraries: Sequence[str] = ("websockets", "aiohttp", "asyncio"),
 ) -> logging.Logger:
     """Configure the ``mlx_provider`` logger and return it.
 
@@ -202,15 +204,21 @@ def setup_logging(
     JSON lines to a non-TTY stream and readable lines to a TTY;
     ``True``/``False`` force one or the other.
 
-    Calling it again replaces the handlers of the previous call. The logger
-    does not propagate to the root logger, so a library's ``basicConfig``
-    does not print every line twice.
+    The ``libraries`` loggers get the same handlers at level WARNING, so
+    their warnings are formatted and redacted too (their debug output, such
+    as websockets' handshake headers, stays off).
+
+    Calling it again replaces the handlers of the previous call. These
+    loggers do not propagate to the root logger, so a library's
+    ``basicConfig`` does not print every line twice.
     """
     stream = stream if stream is not None else sys.stderr
     logger = logging.getLogger(LOGGER_NAME)
-    for handler in [h for h in logger.handlers if getattr(h, _OWNED, False)]:
-        logger.removeHandler(handler)
-        handler.close()
+    others = [logging.getLogger(name) for name in libraries]
+    for configured in (logger, *others):
+        for handler in [h for h in configured.handlers if getattr(h, _OWNED, False)]:
+            configured.removeHandler(handler)
+            handler.close()
 
     redactor = RedactingFilter(secrets)
     is_tty = _isatty(stream)
@@ -232,9 +240,13 @@ def setup_logging(
     for handler in handlers:
         handler.addFilter(redactor)
         setattr(handler, _OWNED, True)
-        logger.addHandler(handler)
+        for configured in (logger, *others):
+            configured.addHandler(handler)
     logger.setLevel(level.upper() if isinstance(level, str) else level)
-    logger.propagate = False
+    for configured in (logger, *others):
+        configured.propagate = False
+    for other in others:
+        other.setLevel(logging.WARNING)
     return logger
 
 

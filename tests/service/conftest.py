@@ -24,13 +24,14 @@ def fake_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeBin:
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
     # setup_logging changes process-wide state; give the next test (ours or
-    # anyone's, caplog included) the logger as it was.
-    logger = logging.getLogger(LOGGER_NAME)
-    saved = (list(logger.handlers), logger.level, logger.propagate)
+    # anyone's, caplog included) the loggers as they were.
+    loggers = [logging.getLogger(n) for n in (LOGGER_NAME, "websockets", "aiohttp", "asyncio")]
+    saved = [(list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     yield
-    for handler in logger.handlers:
-        if handler not in saved[0]:
-            handler.close()
-    logger.handlers[:] = saved[0]
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
+    for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        for handler in logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate

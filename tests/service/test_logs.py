@@ -130,3 +130,14 @@ def test_default_log_dir(tmp_path: Path, monkeypatch) -> None:
     assert default_log_dir(platform="linux", home=tmp_path) == (
         tmp_path / ".local/state/mlx-provider"
     )
+
+
+def test_library_warnings_are_formatted_and_redacted() -> None:
+    out = io.StringIO()
+    setup_logging(stream=out, secrets=[TOKEN])
+    setup_logging(stream=out, secrets=[TOKEN])
+    logging.getLogger("websockets.client").debug("> Authorization: Bearer %s", TOKEN)
+    logging.getLogger("websockets.client").warning("handshake with %s failed", TOKEN)
+    [entry] = lines(out)
+    assert entry["logger"] == "websockets.client"
+    assert entry["msg"] == "handshake with *** failed"
