@@ -262,21 +262,24 @@ def _exit_code(func: Callable[P, int]) -> Callable[P, int]:
     return wrapper
 
 
-def _launchctl(*args: str, dry_run: bool = False, check: bool = True) -> int:
-    """Run ``launchctl args``; return its exit status (0 in a dry run)."""
+def _launchctl(*args: str, dry_run: bool = False, when: str = "") -> None:
+    """Run ``launchctl args``; raise :exc:`ServiceError` if it fails.
+
+    A dry run prints the command instead, followed by ``when`` (the condition
+    it would run under) in parentheses.
+    """
     command = shlex.join(["launchctl", *args])
     if dry_run:
-        print(f"would run: {command}")
-        return 0
+        print(f"would run: {command}" + (f"  ({when})" if when else ""))
+        return
     exe = shutil.which("launchctl")
     if exe is None:
         raise ServiceError("launchctl not found on PATH (is this macOS?)")
     print(f"running: {command}")
     proc = subprocess.run([exe, *args], capture_output=True, text=True)
-    if check and proc.returncode != 0:
+    if proc.returncode != 0:
         output = (proc.stderr or proc.stdout).strip()
         raise ServiceError(f"`{command}` failed (exit {proc.returncode}): {output}")
-    return proc.returncode
 
 
 def _launchctl_print(agent: LaunchAgent) -> str | None:
@@ -397,8 +400,7 @@ def install(
     if dry_run:
         if not agent.log_dir.is_dir():
             print(f"would create directory {agent.log_dir}")
-        print("would run, if the service is loaded already:", end=" ")
-        _launchctl("bootout", agent.target, dry_run=True)
+        _launchctl("bootout", agent.target, dry_run=True, when="if it is loaded already")
     else:
         if must_write:
             _write_atomically(agent.plist_path, content)
@@ -432,8 +434,7 @@ def uninstall(
         return _not_macos("uninstall", plat)
     agent = LaunchAgent(label, home, uid)
     if dry_run:
-        print("would run, if the service is loaded:", end=" ")
-        _launchctl("bootout", agent.target, dry_run=True)
+        _launchctl("bootout", agent.target, dry_run=True, when="if it is loaded")
         if agent.plist_path.exists():
             print(f"would remove {agent.plist_path}")
         return 0
