@@ -91,6 +91,8 @@ class Session:
         self.registered_at: float | None = None
         self.last_inbound = time.monotonic()
         self.frames_received = 0
+        #: Longest time a frame waited on the queue before its handler ran.
+        self.max_queue_wait_s = 0.0
         self.heartbeat_interval_s = 30
         self._abort_cause: str | None = None
         self._warm_up_task: asyncio.Task[None] | None = None
@@ -254,7 +256,8 @@ class Session:
 
     async def _handle_loop(self) -> None:
         while True:
-            _, raw = await self.inbox.get()
+            received, raw = await self.inbox.get()
+            self.max_queue_wait_s = max(self.max_queue_wait_s, time.monotonic() - received)
             msg = decode_coordinator_frame(raw)
             await self.dispatch(msg)
 

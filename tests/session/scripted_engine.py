@@ -25,6 +25,8 @@ class ScriptedEngine:
     tokens: int = 8
     step_s: float = 0.001
     block_s: float = 0.0
+    #: Only prompts containing this marker block (the stub's warm-up does not).
+    block_marker: str = "[block]"
     load_s: float = 0.0
     context_limit: int = 4096
     words: tuple[str, ...] = ("ok", " yes", " fine")
@@ -76,8 +78,12 @@ class ScriptedEngine:
             loop.call_soon_threadsafe(ready.set)
 
         def run() -> None:
-            if self.block_s:
-                cancel.wait(self.block_s)  # a prefill that checks between chunks
+            # A long prefill: the thread computes (and takes the GIL) for
+            # block_s, checking the cancel flag between "chunks".
+            blocks = self.block_marker in request.messages[-1].text()
+            end = time.monotonic() + (self.block_s if blocks else 0.0)
+            while time.monotonic() < end and not cancel.is_set():
+                sum(i * i for i in range(2000))
             made = 0
             while made < limit and not cancel.is_set():
                 time.sleep(self.step_s)

@@ -1,0 +1,72 @@
+"""Provider agent against the real coordinator stub, in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pytest
+
+from coordinator_stub.app import CoordinatorStub
+from coordinator_stub.config import StubConfig
+from provider.agent import Agent
+from provider.config import Config
+
+from .scripted_engine import ScriptedEngine
+
+PID = "prov-test"
+
+
+def stub_config(**overrides: Any) -> StubConfig:
+    """The stub's hostile timers stay on; only waits that tests sit through shrink."""
+    base: dict[str, Any] = {"heartbeat_interval_s": 1, "warmup_retry_s": 0.1, "grace_s": 30.0}
+    return StubConfig(**(base | overrides))
+
+
+def provider_config(stub: CoordinatorStub, **overrides: Any) -> Config:
+    base: dict[str, Any] = {
+        "coordinator_url": stub.ws_url,
+        "provider_id": PID,
+        "provider_token": "tok",
+        "model": "scripted",
+        "status_port": 0,
+        "backoff_initial_s": 0.05,
+        "backoff_max_s": 0.5,
+    }
+    return msgspec.convert(base | overrides, Config)
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[CoordinatorStub]:
+    async with CoordinatorStub(stub_config()) as s:
+        yield s
+
+
+class Running:
+    """An agent running in a task; ``await stop()`` drains it and returns the exit code."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.task = asyncio.create_task(agent.run(), name="agent")
+
+    @property
+    def session(self) -> Any:
+        return self.agent.session
+
+    async def stop(self, timeout: float = 10.0) -> int:
+        self.agent.request_drain("test")
+        return await asyncio.wait_for(self.task, timeout)
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config, engine: Any | None = None, **kw: Any) -> AsyncIterator[Running]:
+    run = Running(Agent(config, engine or ScriptedEngine(), **kw))
+    try:
+        yield run
+    finally:
+        if not run.task.done():
+            run.task.cancel()
+        await asyncio.gather(run.task, return_exceptions=True)

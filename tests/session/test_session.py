@@ -1,0 +1,386 @@
+"""The provider session against the coordinator stub with its hostile timers on."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from coordinator_stub.app import CoordinatorStub
+from provider.config import load_config
+from provider.protocol import Preflight
+from provider.session import Session
+
+from .conftest import PID, provider_config, running, stub_config
+from .scripted_engine import ScriptedEngine
+
+
+def body(content: str = "hi", *, stream: bool = False, max_tokens: int | None = None) -> dict:
+    out: dict[str, Any] = {"model": "scripted", "messages": [{"role": "user", "content": content}]}
+    out["stream"] = stream
+    if max_tokens:
+        out["max_tokens"] = max_tokens
+    return out
+
+
+async def buy(stub: CoordinatorStub, payload: dict) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{stub.http_url}/v1/chat/completions", json=payload) as resp,
+    ):
+        text = await resp.text()
+        return resp.status, (json.loads(text) if not payload.get("stream") else text)
+
+
+def not_warm_up(frame: Any) -> bool:
+    return not frame.message.request_id.startswith("warmup")
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+def heartbeat_times(stub: CoordinatorStub, since: float = 0.0) -> list[float]:
+    return [f.time for f in stub.frames_received(PID, "heartbeat") if f.time >= since]
+
+
+async def test_registers_and_passes_the_warm_up_gate(stub: CoordinatorStub) -> None:
+    async with running(provider_config(stub)):
+        await stub.wait_provider_state(PID, "ready")
+        hello = stub.frames_received(PID, "hello")[0].message
+        assert hello.provider_id == PID and hello.version == 1 and hello.max_concurrency == 1
+        warm = stub.frames_sent(PID, "inference_request")[0].message
+        assert "Reply with ok." in warm.body
+        update = await stub.wait_frame(
+            PID, "state_update", where=lambda f: f.message.state == "ready"
+        )
+        assert update.message.metrics_snapshot.slots_total == 1
+        status, completion = await buy(stub, body("hello"))
+        assert status == 200 and completion["choices"][0]["message"]["content"]
+
+
+async def test_stays_ready_with_zero_drops_scaled_60s() -> None:
+    # 60 s of the real timers shrunk by 5: write deadline 10 -> 2 s, inactivity
+    # 90 -> 18 s; the heartbeat tick cannot go below 1 s, so it is 1 s.
+    async with (
+        CoordinatorStub(stub_config(write_deadline_s=2.0, inactivity_s=18.0)) as stub,
+        running(provider_config(stub)),
+    ):
+        await stub.wait_provider_state(PID, "ready")
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await stub.wait_drop(PID, timeout=12.0)
+        assert stub.drops == [] and stub.state(PID) == "ready"
+        beats = heartbeat_times(stub, start)
+        assert len(beats) >= 11
+        assert max(gaps(beats)) <= 1.0 + 1.0
+
+
+async def test_heartbeats_keep_cadence_while_a_job_blocks_its_engine_thread_30s(
+    stub: CoordinatorStub,
+) -> None:
+    engine = ScriptedEngine(tokens=2, block_s=30.0)
+    async with running(provider_config(stub), engine):
+        await stub.wait_provider_state(PID, "ready")
+        job = asyncio.create_task(buy(stub, body("[block] think hard")))
+        sent = await stub.wait_sent(
+            PID, "inference_request", where=lambda f: "[block]" in f.message.body
+        )
+        status, completion = await asyncio.wait_for(job, 60)
+        beats = heartbeat_times(stub, sent.time)
+        assert status == 200 and completion["usage"]["completion_tokens"] == 2
+        assert beats[-1] - beats[0] >= 29
+        assert max(gaps(beats)) <= 1.0 + 1.0, gaps(beats)
+
+
+async def test_blocked_handler_does_not_delay_receive(
+    stub: CoordinatorStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    released = asyncio.Event()
+    dispatch = Session.dispatch
+
+    async def slow_dispatch(self: Session, msg: Any) -> None:
+        if isinstance(msg, Preflight) and msg.request_id == "slow":
+            await asyncio.sleep(20)  # a handler stuck on something for 20 s
+            released.set()
+        await dispatch(self, msg)
+
+    monkeypatch.setattr(Session, "dispatch", slow_dispatch)
+    async with running(provider_config(stub)) as run:
+        await stub.wait_provider_state(PID, "ready")
+        session = run.session
+        before = session.frames_received
+        t_sent = time.monotonic()
+        await stub.send_raw(PID, '{"type":"preflight","request_id":"slow","estimated_tokens":1}')
+        for i in range(5):
+            await stub.send_raw(PID, json.dumps({"type": "cancel_request", "request_id": f"u{i}"}))
+        # A heartbeat sent after the frames proves time passed on the provider.
+        await stub.wait_frame(PID, "heartbeat", since=t_sent + 1.0)
+        assert not released.is_set()
+        assert session.frames_received == before + 6  # all received while the handler waits
+        last = await stub.wait_frame(
+            PID,
+            "inference_response_end",
+            where=lambda f: f.message.request_id == "u4",
+            timeout=30,
+        )
+        assert last.time - t_sent >= 19.5  # handled in order, after the block
+        assert session.max_queue_wait_s >= 19.5  # ... because they waited on the queue
+        assert max(gaps(heartbeat_times(stub, t_sent))) <= 2.0
+        assert stub.drops == []
+
+
+async def test_reregisters_within_3s_of_a_coordinator_restart() -> None:
+    stub = CoordinatorStub(stub_config())
+    await stub.start()
+    port = stub.ws_port
+    config = provider_config(stub, backoff_initial_s=1.0, backoff_max_s=60.0)
+    async with running(config) as run:
+        await stub.wait_provider_state(PID, "ready")
+        await stub.stop()
+        await asyncio.sleep(5.0)  # the coordinator is down for 5 s: that is the scenario
+        again = CoordinatorStub(stub_config(ws_port=port))
+        await again.start()
+        back = time.monotonic()
+        try:
+            await again.wait_connected(PID, timeout=10)
+            assert time.monotonic() - back <= 3.0
+            assert run.agent.reconnects[-1]["cause"] in ("closed", "refused")
+        finally:
+            await again.stop()
+
+
+async def test_backoff_after_20_refusals_grows_caps_and_jitters(stub: CoordinatorStub) -> None:
+    stub.refuse_connections(60)
+    config = provider_config(stub, backoff_initial_s=0.02, backoff_max_s=0.16, backoff_jitter=0.5)
+    async with running(config):
+        await stub.wait_for(lambda: len(stub.rejections) >= 20, timeout=20, what="20 refusals")
+        stub.refuse_connections(0)
+        await stub.wait_connected(PID)
+        times = [r.time for r in stub.rejections[:20]]
+        d = gaps(times)
+        assert d[0] < d[2] < d[4], d  # growth: 0.02, 0.04 ... 0.16
+        at_cap = d[6:]
+        assert all(0.16 <= x <= 0.16 * 1.5 + 0.1 for x in at_cap), at_cap  # cap (+ jitter)
+        assert statistics.pstdev(at_cap) > 0.005, at_cap  # jitter at the cap
+
+
+async def test_accept_then_close_loop_is_backed_off(stub: CoordinatorStub) -> None:
+    stub.accept_then_close(True)
+    config = provider_config(stub, backoff_initial_s=0.05, backoff_max_s=0.4)
+    async with running(config):
+        await stub.wait_for(lambda: len(stub.rejections) >= 8, timeout=10, what="8 closes")
+        d = gaps([r.time for r in stub.rejections[:8]])
+        assert d[0] < d[3] and min(d[4:]) >= 0.35, d
+        attempts_per_s = 8 / (stub.rejections[7].time - stub.rejections[0].time)
+        assert attempts_per_s < 10
+        stub.accept_then_close(False)
+        await stub.wait_provider_state(PID, "ready")
+
+
+async def test_stalled_reads_are_detected_and_reconnected() -> None:
+    async with CoordinatorStub(stub_config(so_rcvbuf=4096)) as stub:
+        engine = ScriptedEngine(tokens=100_000, step_s=0.0005, words=("x" * 4000,))
+        config = provider_config(stub, send_timeout_s=1.0)
+        async with running(config, engine) as run:
+            await stub.wait_provider_state(PID, "ready")
+            first = stub.session(PID)
+            buyer = asyncio.create_task(buy(stub, body("flood", stream=True)))
+            await stub.wait_frame(PID, "inference_response_chunk", where=not_warm_up)
+            stub.stall_reads(PID)
+            await stub.wait_for(
+                lambda: stub.session(PID) not in (None, first) and stub.state(PID) == "ready",
+                timeout=30,
+                what="a new registered session",
+            )
+            assert run.agent.reconnects[-1]["cause"] in ("send_timeout", "watchdog")
+            assert run.agent.state.in_flight == 0  # the flooding job was cancelled, slot freed
+            buyer.cancel()
+            await asyncio.gather(buyer, return_exceptions=True)
+
+
+async def test_drain_completes_in_flight_jobs_and_exits_0(stub: CoordinatorStub) -> None:
+    engine = ScriptedEngine(tokens=40, step_s=0.025)
+    async with running(provider_config(stub, max_concurrency=2), engine) as run:
+        await stub.wait_provider_state(PID, "ready")
+        jobs = [asyncio.create_task(buy(stub, body(f"job {i}"))) for i in range(2)]
+        await stub.wait_for(lambda: run.agent.state.in_flight == 2, what="two jobs running")
+        await stub.drain(PID)
+        code = await asyncio.wait_for(run.task, 10)
+        results = await asyncio.gather(*jobs)
+        assert code == 0
+        assert [status for status, _ in results] == [200, 200]
+        assert all(c["usage"]["completion_tokens"] == 40 for _, c in results)
+        phases = [f.message.phase for f in stub.frames_received(PID, "drain_status")]
+        assert phases[0] == "starting" and phases[-1] == "complete"
+
+
+async def test_drain_timeout_cancels_what_is_left(stub: CoordinatorStub) -> None:
+    engine = ScriptedEngine(tokens=100_000, step_s=0.01)
+    async with running(provider_config(stub, drain_timeout_s=0.5), engine) as run:
+        await stub.wait_provider_state(PID, "ready")
+        job = asyncio.create_task(buy(stub, body("long")))
+        await stub.wait_for(lambda: run.agent.state.in_flight == 1, what="job running")
+        await stub.drain(PID)
+        assert await asyncio.wait_for(run.task, 10) == 0
+        phases = [f.message.phase for f in stub.frames_received(PID, "drain_status")]
+        assert phases[-1] == "timeout_skipped"
+        ends = stub.frames_received(PID, "inference_response_end")
+        assert ends[-1].message.status == "cancelled"
+        assert ends[-1].message.usage.completion_tokens > 0  # partial usage
+        job.cancel()
+        await asyncio.gather(job, return_exceptions=True)
+
+
+async def test_sigterm_drains_in_flight_job_and_exits_0(stub: CoordinatorStub) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.session.scripted_provider", stub.ws_url, "60", "0.02",
+        cwd=Path(__file__).parents[2], stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await stub.wait_provider_state("prov-sub", "ready", timeout=20)
+        job = asyncio.create_task(buy(stub, body("before the signal")))
+        await stub.wait_frame("prov-sub", "inference_response_chunk", where=not_warm_up, timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 20)
+        status, completion = await job
+        assert code == 0
+        assert status == 200 and completion["usage"]["completion_tokens"] == 60
+        phases = [f.message.phase for f in stub.frames_received("prov-sub", "drain_status")]
+        assert phases[-1] == "complete"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_cancel_for_unknown_request_gets_one_cancelled_end(stub: CoordinatorStub) -> None:
+    async with running(provider_config(stub)):
+        await stub.wait_provider_state(PID, "ready")
+        await stub.send_raw(PID, '{"type":"cancel_request","request_id":"ghost","reason":"x"}')
+        end = await stub.wait_frame(
+            PID, "inference_response_end", where=lambda f: f.message.request_id == "ghost"
+        )
+        assert end.message.status == "cancelled"
+        assert (end.message.usage.prompt_tokens, end.message.usage.completion_tokens) == (0, 0)
+        # A second cancel for the same id is not answered again.
+        await stub.send_raw(PID, '{"type":"cancel_request","request_id":"ghost"}')
+        await stub.send_raw(PID, '{"type":"preflight","request_id":"mark","estimated_tokens":1}')
+        await stub.wait_frame(PID, "preflight_ack")
+        ghosts = [
+            f
+            for f in stub.frames_received(PID, "inference_response_end")
+            if f.message.request_id == "ghost"
+        ]
+        assert len(ghosts) == 1
+
+
+async def test_cancel_mid_stream_frees_slot_with_partial_usage(stub: CoordinatorStub) -> None:
+    engine = ScriptedEngine(tokens=100_000, step_s=0.005)
+    async with running(provider_config(stub), engine) as run:
+        await stub.wait_provider_state(PID, "ready")
+        buyer = asyncio.create_task(buy(stub, body("stream", stream=True)))
+        chunk = await stub.wait_frame(PID, "inference_response_chunk", where=not_warm_up)
+        request_id = chunk.message.request_id
+        assert await stub.cancel(request_id, "buyer_disconnected")
+        end = await stub.wait_frame(
+            PID, "inference_response_end", where=lambda f: f.message.request_id == request_id
+        )
+        assert end.message.status == "cancelled" and end.message.usage.completion_tokens > 0
+        assert end.message.chunks_sent >= 1
+        await stub.wait_provider_state(PID, "ready")
+        assert run.agent.state.in_flight == 0
+        buyer.cancel()
+        await asyncio.gather(buyer, return_exceptions=True)
+
+
+async def test_duplicate_request_id_is_nakked(stub: CoordinatorStub) -> None:
+    engine = ScriptedEngine(tokens=200, step_s=0.01)
+    async with running(provider_config(stub, max_concurrency=2), engine):
+        await stub.wait_provider_state(PID, "ready")
+        frame = json.dumps(
+            {"type": "inference_request", "request_id": "dup", "stream": False,
+             "body": json.dumps(body("x", max_tokens=3))}
+        )  # fmt: skip
+        await stub.send_raw(PID, frame)
+        await stub.send_raw(PID, frame)
+        nak = await stub.wait_frame(PID, "nak")
+        assert nak.message.error.code == "duplicate_request_id"
+        await stub.wait_frame(
+            PID, "inference_response_end", where=lambda f: f.message.request_id == "dup"
+        )
+        ends = [
+            f
+            for f in stub.frames_received(PID, "inference_response_end")
+            if f.message.request_id == "dup"
+        ]
+        assert len(ends) == 1 and ends[0].message.status == "complete"
+
+
+async def test_full_provider_answers_queue_full(stub: CoordinatorStub) -> None:
+    engine = ScriptedEngine(tokens=100_000, step_s=0.01)
+    async with running(provider_config(stub), engine) as run:
+        await stub.wait_provider_state(PID, "ready")
+        long = asyncio.create_task(buy(stub, body("long")))
+        await stub.wait_for(lambda: run.agent.state.in_flight == 1, what="job running")
+        extra = json.dumps(
+            {"type": "inference_request", "request_id": "extra", "stream": False,
+             "body": json.dumps(body("x"))}
+        )  # fmt: skip
+        await stub.send_raw(PID, extra)
+        end = await stub.wait_frame(
+            PID, "inference_response_end", where=lambda f: f.message.request_id == "extra"
+        )
+        assert end.message.status == "error_queue_full" and end.message.retryable
+        long.cancel()
+        await asyncio.gather(long, return_exceptions=True)
+
+
+async def test_assigned_token_is_persisted_before_use(tmp_path: Path) -> None:
+    async with CoordinatorStub(stub_config(tokens=("first",), issue_provider_token=True)) as stub:
+        cfg_file = tmp_path / "config.toml"
+        cfg_file.write_text(f'coordinator_url = "{stub.ws_url}"\nprovider_token = "first"\n')
+        os.chmod(cfg_file, 0o600)
+        config, path = load_config(
+            cfg_file, overrides={"model": "scripted", "provider_id": PID, "status_port": 0}
+        )
+        async with running(config, config_path=path) as run:
+            await stub.wait_provider_state(PID, "ready")
+            assigned = stub.frames_sent(PID, "hello_ack")[0].message.assigned_provider_token
+            assert assigned and assigned in cfg_file.read_text()
+            assert run.agent.token == assigned
+            first = stub.session(PID)
+            stub.drop(PID)
+            await stub.wait_for(
+                lambda: stub.session(PID) not in (None, first), what="reconnected with new token"
+            )
+            assert stub.rejections == []
+
+
+async def test_fatal_close_code_stops_the_agent() -> None:
+    from websockets.asyncio.server import ServerConnection, serve
+
+    async def banned(ws: ServerConnection) -> None:
+        await ws.recv()
+        await ws.close(4009, "banned for testing")
+
+    async with serve(banned, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        config, _ = load_config(
+            None,
+            overrides={"coordinator_url": f"ws://127.0.0.1:{port}/ws/provider", "model": "m",
+                       "provider_id": PID, "status_port": 0},
+        )  # fmt: skip
+        async with running(config) as run:
+            assert await asyncio.wait_for(run.task, 5) == 0
+            assert "4009" in run.agent.exit_reason and "banned" in run.agent.exit_reason
