@@ -99,7 +99,7 @@ async def test_heartbeats_keep_cadence_while_a_job_blocks_its_engine_thread_30s(
         status, completion = await asyncio.wait_for(job, 60)
         beats = heartbeat_times(stub, sent.time)
         assert status == 200 and completion["usage"]["completion_tokens"] == 2
-        assert beats[-1] - beats[0] >= 29
+        assert beats[-1] - beats[0] >= 28  # heartbeats all through the 30 s block
         assert max(gaps(beats)) <= 1.0 + 1.0, gaps(beats)
 
 
