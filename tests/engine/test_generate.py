@@ -251,3 +251,11 @@ async def test_developer_role_and_content_parts(engine: MlxEngine, hf_tokenizer:
     )
     batches = await collect(engine, request, threading.Event())
     assert batches[-1].prompt_tokens == len(expected)
+
+
+def test_ignore_eos_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MLX_ENGINE_IGNORE_EOS", "1")
+    assert MlxEngine(tmp_path).ignore_eos
+    assert not MlxEngine(tmp_path, ignore_eos=False).ignore_eos
+    monkeypatch.delenv("MLX_ENGINE_IGNORE_EOS")
+    assert not MlxEngine(tmp_path).ignore_eos

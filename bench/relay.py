@@ -1,0 +1,496 @@
+"""Relay benchmark: how much each layer between a buyer and MLX costs.
+
+Every request uses a 128-token chat prompt (after the chat template) with a
+unique prefix, so no prompt cache can help, and generates exactly 128 tokens
+greedily with EOS suppressed. Sections, each one function returning a dict:
+
+- ``raw``: :func:`mlx_lm.stream_generate` in this process (the floor).
+- ``engine``: :class:`provider.engine.mlx.MlxEngine` driven directly from
+  asyncio: one request at a time (``max_concurrency=1``), then 4 at once on a
+  ``max_concurrency=4`` engine (continuous batching).
+- ``mlx_lm_server``: ``mlx_lm server`` on a free loopback port, streamed over
+  HTTP, single and 4 concurrent.
+- ``end_to_end``: coordinator stub + ``mlx-provider serve`` + an HTTP buyer on
+  the stub's OpenAI API, single and 4 concurrent (skipped when the stub or the
+  provider session are not installed).
+
+Metrics: ``ttft_ms`` (request sent -> first token received), ``decode_tps``
+(tokens after the first / time after the first), and for 4 concurrent
+requests ``aggregate_tps`` (all completion tokens / wall time from sending to
+the last token) and ``mean_ttft_ms``. Single-request figures are medians over
+``--repeats`` runs after one untimed warm-up.
+
+Prints ONE JSON line on stdout; progress goes to stderr.
+
+    python bench/relay.py --size tiny
+    python bench/relay.py --size small --quantize
+    python bench/relay.py --model ~/models/Llama-3.2-1B-Instruct-4bit
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPT_TOKENS = 128
+MAX_TOKENS = 128
+CONCURRENCY = 4
+FILLER = (
+    "The provider streams tokens to the buyer while the coordinator keeps score of "
+    "latency, throughput and every request that passes through the market. "
+)
+
+
+def log(text: str) -> None:
+    print(f"[relay] {text}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# Model and prompts
+
+
+@contextlib.contextmanager
+def model_dir(args: argparse.Namespace) -> Iterator[Path]:
+    """The model to measure: ``--model``, or a freshly built test model."""
+    if args.model:
+        yield Path(args.model).expanduser()
+        return
+    from provider.testing.model import build_test_model
+
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        name = f"{args.size}{'-4bit' if args.quantize else ''}"
+        log(f"building the {name} test model")
+        yield build_test_model(Path(tmp) / name, size=args.size, quantize=args.quantize)
+
+
+class Prompts:
+    """Chat messages whose templated prompt is ``PROMPT_TOKENS`` long, each unique."""
+
+    def __init__(self, model: Path) -> None:
+        from mlx_lm.utils import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model)
+        self.filler = self.tokenizer.encode(FILLER * 40, add_special_tokens=False)
+
+    def count(self, content: str) -> int:
+        messages = [{"role": "user", "content": content}]
+        return len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+    def content(self) -> str:
+        prefix = f"[run {uuid.uuid4().hex[:12]}] "
+        # Grow the filler until the templated prompt reaches the target; a
+        # decoded-then-re-encoded slice can come out a token off, so check.
+        n = max(0, PROMPT_TOKENS - self.count(prefix) - 2)
+        best = prefix
+        while n < len(self.filler):
+            content = prefix + self.tokenizer.decode(self.filler[:n])
+            count = self.count(content)
+            if count > PROMPT_TOKENS:
+                break
+            best = content
+            if count == PROMPT_TOKENS:
+                break
+            n += 1
+        return best
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.content()}]
+
+
+def eos_ids(model: Path) -> list[int]:
+    from mlx_lm.utils import load_tokenizer
+
+    return sorted(load_tokenizer(model).eos_token_ids)
+
+
+def summarize_single(runs: list[dict[str, float]]) -> dict[str, Any]:
+    return {
+        "ttft_ms": round(statistics.median(r["ttft_ms"] for r in runs), 1),
+        "decode_tps": round(statistics.median(r["decode_tps"] for r in runs), 1),
+        "completion_tokens": int(statistics.median(r["tokens"] for r in runs)),
+        "runs": len(runs),
+    }
+
+
+def summarize_concurrent(runs: list[dict[str, float]], wall_s: float) -> dict[str, Any]:
+    return {
+        "requests": len(runs),
+        "mean_ttft_ms": round(statistics.mean(r["ttft_ms"] for r in runs), 1),
+        "max_ttft_ms": round(max(r["ttft_ms"] for r in runs), 1),
+        "aggregate_tps": round(sum(r["tokens"] for r in runs) / wall_s, 1),
+        "mean_decode_tps": round(statistics.mean(r["decode_tps"] for r in runs), 1),
+    }
+
+
+def timing(start: float, first: float | None, last: float | None, tokens: int) -> dict[str, float]:
+    first = first or last or time.perf_counter()
+    last = last or first
+    decode = last - first
+    return {
+        "ttft_ms": (first - start) * 1000,
+        "decode_tps": (tokens - 1) / decode if decode > 0 and tokens > 1 else 0.0,
+        "tokens": tokens,
+        "end": last,
+    }
+
+
+# --------------------------------------------------------------------------
+# Sections
+
+
+def bench_raw(model: Path, prompts: Prompts, args: argparse.Namespace) -> dict[str, Any]:
+    """mlx_lm.stream_generate in this thread: no engine, no loop, no network."""
+    import mlx.core as mx
+    from mlx_lm import load, stream_generate
+
+    log("raw: mlx_lm.stream_generate")
+    loaded, tokenizer = load(str(model))
+    mask = mx.zeros((loaded.args.vocab_size,))
+    mask[mx.array(sorted(tokenizer.eos_token_ids))] = -float("inf")
+
+    def sampler(logprobs: Any) -> Any:
+        return mx.argmax(logprobs + mask, axis=-1)
+
+    def run() -> dict[str, float]:
+        ids = tokenizer.apply_chat_template(prompts.messages(), add_generation_prompt=True)
+        start = time.perf_counter()
+        first = last = None
+        tokens = 0
+        for response in stream_generate(
+            loaded, tokenizer, ids, max_tokens=MAX_TOKENS, sampler=sampler
+        ):
+            last = time.perf_counter()
+            first = first or last
+            tokens = response.generation_tokens
+        return timing(start, first, last, tokens)
+
+    run()
+    return summarize_single([run() for _ in range(args.repeats)])
+
+
+async def bench_engine(model: Path, prompts: Prompts, args: argparse.Namespace) -> dict[str, Any]:
+    """MlxEngine.generate from asyncio: single, then 4 concurrent with batching."""
+    from provider.engine.mlx import MlxEngine
+    from provider.protocol import ChatCompletionRequest, ChatMessage
+
+    def request() -> ChatCompletionRequest:
+        content = prompts.content()
+        return ChatCompletionRequest(
+            messages=[ChatMessage(role="user", content=content)],
+            max_tokens=MAX_TOKENS,
+            temperature=0.0,
+        )
+
+    async def run(engine: MlxEngine) -> dict[str, float]:
+        req = request()
+        start = time.perf_counter()
+        first = last = None
+        tokens = first_tokens = 0
+        async for batch in engine.generate(req, threading.Event()):
+            last = time.perf_counter()
+            if batch.completion_tokens and first is None:
+                first, first_tokens = last, batch.completion_tokens
+            tokens = batch.completion_tokens
+        result = timing(start, first, last, tokens)
+        # Tokens that arrived with the first batch were not decoded after it.
+        if first is not None and last is not None and last > first:
+            result["decode_tps"] = (tokens - first_tokens) / (last - first)
+        return result
+
+    log("engine: max_concurrency=1")
+    single = MlxEngine(model, max_concurrency=1, ignore_eos=True, prefill_step_size=512)
+    info = await single.load()
+    try:
+        await run(single)
+        single_runs = [await run(single) for _ in range(args.repeats)]
+    finally:
+        await single.close()
+
+    log(f"engine: max_concurrency={CONCURRENCY}")
+    batched = MlxEngine(
+        model,
+        max_concurrency=CONCURRENCY,
+        ignore_eos=True,
+        prefill_batch_size=args.prefill_batch_size,
+    )
+    await batched.load()
+    try:
+        await run(batched)
+        start = time.perf_counter()
+        runs = await asyncio.gather(*(run(batched) for _ in range(CONCURRENCY)))
+        wall = max(r["end"] for r in runs) - start
+        batched_single = await run(batched)
+    finally:
+        await batched.close()
+    return {
+        "load": {
+            "model_load_time_ms": info.model_load_time_ms,
+            "throughput_tps_estimate": info.throughput_tps_estimate,
+        },
+        "single": summarize_single(single_runs),
+        f"concurrent_{CONCURRENCY}": summarize_concurrent(runs, wall),
+        "single_on_batched_engine": summarize_single([batched_single]),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def stream_chat(http: Any, url: str, body: dict[str, Any]) -> dict[str, float]:
+    """POST a streaming chat completion; time the content deltas."""
+    start = time.perf_counter()
+    first = last = None
+    tokens = deltas = 0
+    async with http.post(url, json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"].get("completion_tokens", tokens)
+            for choice in chunk.get("choices", []):
+                if choice.get("delta", {}).get("content"):
+                    last = time.perf_counter()
+                    first = first or last
+                    deltas += 1
+    return timing(start, first, last, tokens or deltas)
+
+
+async def http_section(
+    url: str, make_body: Callable[[], dict[str, Any]], args: argparse.Namespace
+) -> dict[str, Any]:
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        await stream_chat(http, url, make_body())
+        single = [await stream_chat(http, url, make_body()) for _ in range(args.repeats)]
+        start = time.perf_counter()
+        runs = await asyncio.gather(
+            *(stream_chat(http, url, make_body()) for _ in range(CONCURRENCY))
+        )
+        wall = max(r["end"] for r in runs) - start
+    return {
+        "single": summarize_single(single),
+        f"concurrent_{CONCURRENCY}": summarize_concurrent(list(runs), wall),
+    }
+
+
+async def wait_http(url: str, proc: asyncio.subprocess.Process, timeout: float = 120) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.2)  # an external process: nothing to await but its port
+    raise RuntimeError(f"{url} not up after {timeout:g} s")
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def bench_mlx_lm_server(
+    model: Path, prompts: Prompts, args: argparse.Namespace
+) -> dict[str, Any]:
+    """``mlx_lm server`` as a subprocess, streamed over loopback HTTP."""
+    port = free_port()
+    log(f"mlx_lm server on port {port}")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mlx_lm", "server", "--model", str(model),
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    bias = {str(t): -1e9 for t in eos_ids(model)}
+
+    def body() -> dict[str, Any]:
+        return {
+            "model": "default_model",
+            "messages": prompts.messages(),
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0.0,
+            "logit_bias": bias,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
+        return await http_section(f"http://127.0.0.1:{port}/v1/chat/completions", body, args)
+    finally:
+        await stop(proc)
+
+
+def end_to_end_available() -> str | None:
+    """Why the end-to-end section cannot run, or None when it can."""
+    for module in ("coordinator_stub.cli", "provider.session", "provider.cli"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+    return None
+
+
+async def bench_end_to_end(
+    model: Path, prompts: Prompts, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Buyer HTTP -> coordinator stub -> WebSocket -> mlx-provider serve -> MLX."""
+    import aiohttp
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MLX_ENGINE_IGNORE_EOS="1")
+    workdir = Path(tempfile.mkdtemp(prefix="relay-e2e-"))
+    log(f"end to end: coordinator stub + mlx-provider serve (logs in {workdir})")
+    stub = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "coordinator_stub", "--ws-port", "0", "--http-port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=(workdir / "stub.log").open("wb"), env=env,
+    )  # fmt: skip
+    provider = None
+    try:
+        assert stub.stdout is not None
+        while True:
+            line = (await stub.stdout.readline()).decode()
+            if not line:
+                raise RuntimeError("coordinator stub exited before it was ready")
+            ready = re.match(r"^ready ws=(\S+) http=(\S+)$", line.strip())
+            if ready:
+                ws_url, http_url = ready.groups()
+                break
+        provider = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "provider", "serve", "--coordinator", ws_url,
+            "--model", str(model), "--provider-id", "relay-bench", "--token", "relay-bench",
+            "--status-port", "0", "--max-concurrency", str(CONCURRENCY),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=(workdir / "provider.log").open("wb"), env=env,
+        )  # fmt: skip
+
+        async def provider_ready() -> None:
+            # The stub's event stream shows the provider ready after its warm-up.
+            async with aiohttp.ClientSession() as http, http.get(f"{http_url}/v1/events") as resp:
+                async for raw in resp.content:
+                    text = raw.decode()
+                    if '"relay-bench"' in text and '"ready"' in text:
+                        return
+
+        ready_task = asyncio.create_task(provider_ready())
+        exited = asyncio.create_task(provider.wait())
+        done, _ = await asyncio.wait(
+            {ready_task, exited}, timeout=300, return_when=asyncio.FIRST_COMPLETED
+        )
+        ready_task.cancel()
+        exited.cancel()
+        if ready_task not in done:
+            reason = f"exited with {provider.returncode}" if exited in done else "timed out"
+            raise RuntimeError(f"provider not ready ({reason}); see {workdir / 'provider.log'}")
+
+        def body() -> dict[str, Any]:
+            return {
+                "model": model.name,
+                "messages": prompts.messages(),
+                "max_tokens": MAX_TOKENS,
+                "temperature": 0.0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+
+        result = await http_section(f"{http_url}/v1/chat/completions", body, args)
+        result["provider_max_concurrency"] = CONCURRENCY
+        return result
+    finally:
+        if provider is not None:
+            await stop(provider)
+        await stop(stub)
+
+
+SECTIONS = ("raw", "engine", "mlx_lm_server", "end_to_end")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="model directory (default: build a test model)")
+    parser.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    parser.add_argument("--quantize", action="store_true", help="4-bit test model")
+    parser.add_argument("--repeats", type=int, default=3, help="timed single-request runs")
+    parser.add_argument(
+        "--prefill-batch-size", type=int, default=1, help="for the batched engine (default 1)"
+    )
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)}",
+    )
+    args = parser.parse_args(argv)
+    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(wanted) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+
+    import mlx.core as mx
+    import mlx_lm
+
+    with model_dir(args) as model:
+        prompts = Prompts(model)
+        results: dict[str, Any] = {
+            "model": str(model) if args.model else model.name,
+            "prompt_tokens": prompts.count(prompts.content()),
+            "max_tokens": MAX_TOKENS,
+            "concurrency": CONCURRENCY,
+            "device": str(mx.default_device()),
+            "mlx": mx.__version__,
+            "mlx_lm": mlx_lm.__version__,
+        }
+        runners: dict[str, Callable[[], Any]] = {
+            "raw": lambda: bench_raw(model, prompts, args),
+            "engine": lambda: asyncio.run(bench_engine(model, prompts, args)),
+            "mlx_lm_server": lambda: asyncio.run(bench_mlx_lm_server(model, prompts, args)),
+            "end_to_end": lambda: asyncio.run(bench_end_to_end(model, prompts, args)),
+        }
+        for name in wanted:
+            if name == "end_to_end" and (why := end_to_end_available()):
+                results[name] = {"skipped": why}
+                continue
+            started = time.perf_counter()
+            try:
+                results[name] = runners[name]()
+            except Exception as exc:  # one broken layer should not hide the others
+                log(f"{name} failed: {exc!r}")
+                results[name] = {"error": repr(exc)}
+            log(f"{name} took {time.perf_counter() - started:.1f} s")
+    print(json.dumps(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
