@@ -215,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="SO_RCVBUF of accepted provider sockets (default: OS default)",
     )
     g.add_argument(
+        "--so-sndbuf",
+        type=int,
+        default=d["so_sndbuf"],
+        metavar="N",
+        help="SO_SNDBUF of accepted provider sockets (default: OS default)",
+    )
+    g.add_argument(
         "--close-timeout",
         dest="close_timeout_s",
         type=_positive_seconds,

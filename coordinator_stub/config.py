@@ -78,6 +78,10 @@ class StubConfig:
         so_rcvbuf: ``SO_RCVBUF`` of the WebSocket listening socket (inherited
             by accepted sockets), so tests can make a stalled reader push
             back on the provider quickly. ``None`` keeps the OS default.
+        so_sndbuf: ``SO_SNDBUF`` of accepted provider sockets, so tests can
+            make a provider that stops reading block the stub's writes (and
+            fail the write probe) quickly. ``None`` keeps the OS default
+            (which autotunes up to megabytes).
         close_timeout_s: How long a closing handshake may take before the
             TCP connection is dropped.
         frame_log_size: Frames kept per provider and direction for
@@ -120,6 +124,7 @@ class StubConfig:
     # Limits and sockets
     max_frame_bytes: int = MAX_FRAME_BYTES
     so_rcvbuf: int | None = None
+    so_sndbuf: int | None = None
     close_timeout_s: float = 2.0
     frame_log_size: int = 10_000
     # Buyer API

@@ -448,6 +448,8 @@ class WebSocketSide:
                 # Set before listen() so accepted sockets inherit it and the
                 # window advertised in the handshake is already small.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.so_rcvbuf)
+            if self.config.so_sndbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.so_sndbuf)
             sock.bind((self.config.host, port))
             sock.listen(128)
             sock.setblocking(False)

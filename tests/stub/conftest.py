@@ -59,9 +59,7 @@ async def make_provider() -> AsyncIterator[ProviderFactory]:
 
 
 @pytest.fixture
-async def ready_provider(
-    stub: CoordinatorStub, make_provider: ProviderFactory
-) -> ScriptedProvider:
+async def ready_provider(stub: CoordinatorStub, make_provider: ProviderFactory) -> ScriptedProvider:
     """Provider ``p1`` registered with ``stub`` and past the warm-up gate."""
     provider = await make_provider(stub)
     await stub.wait_provider_state("p1", "ready")

@@ -240,9 +240,7 @@ class ScriptedProvider:
 
     def messages(self, type_: str) -> list[Any]:
         return [
-            m
-            for _, m in self.received
-            if not isinstance(m, Invalid) and message_type(m) == type_
+            m for _, m in self.received if not isinstance(m, Invalid) and message_type(m) == type_
         ]
 
     async def wait_for(self, predicate: Callable[[], Any], timeout: float = 5.0) -> Any:

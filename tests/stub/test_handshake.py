@@ -253,9 +253,7 @@ async def test_frame_over_limit_closes_1009(
     assert drop.cause == "frame_too_big"
 
 
-async def test_frame_at_limit_is_accepted(
-    stub: CoordinatorStub, ready_provider: ScriptedProvider
-):
+async def test_frame_at_limit_is_accepted(stub: CoordinatorStub, ready_provider: ScriptedProvider):
     assert ready_provider.ws is not None
     await ready_provider.ws.send("x" * MAX_FRAME_BYTES)
     await stub.wait_frame("p1", "<invalid>")
@@ -310,7 +308,9 @@ async def test_drain_preflight_nak_and_invalid_frames(
     assert record is not None and len(record.naks) == 1 and record.connected
 
     await stub.send_raw("p1", '{"type": "surprise"}')
-    await provider.wait_for(lambda: any(getattr(m, "type", "") == "surprise" for _, m in provider.received))
+    await provider.wait_for(
+        lambda: any(getattr(m, "type", "") == "surprise" for _, m in provider.received)
+    )
 
 
 async def test_admin_drain_endpoint(stub: CoordinatorStub, ready_provider: ScriptedProvider):
