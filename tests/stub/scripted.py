@@ -90,6 +90,8 @@ class ScriptedProvider:
         hold: Hold buyer requests until :meth:`release` or a cancel.
         error_status: Answer buyer requests with this end status, no chunks.
         warmup_tokens: ``completion_tokens`` reported for warm-ups.
+        answer_cancels: Answer ``cancel_request`` with a cancelled end frame
+            (else record it and keep holding).
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class ScriptedProvider:
         hold: bool = False,
         error_status: str | None = None,
         warmup_tokens: int = 2,
+        answer_cancels: bool = True,
         hello: Hello | None = None,
         sock: socket.socket | None = None,
     ) -> None:
@@ -114,6 +117,7 @@ class ScriptedProvider:
         self.hold = hold
         self.error_status = error_status
         self.warmup_tokens = warmup_tokens
+        self.answer_cancels = answer_cancels
         self.hello = hello or make_hello(provider_id)
         self.sock = sock
         self.ws: ClientConnection | None = None
@@ -225,7 +229,7 @@ class ScriptedProvider:
                 elif isinstance(msg, CancelRequest):
                     self.cancels.append(msg)
                     event = self._cancelled.get(msg.request_id)
-                    if event is not None:
+                    if event is not None and self.answer_cancels:
                         event.set()
                 self._notify()
         except ConnectionClosed:
@@ -261,6 +265,9 @@ class ScriptedProvider:
             return None
 
         return await self.wait_for(check, timeout)
+
+    def buyer_requests(self) -> list[InferenceRequest]:
+        return [r for r in self.requests.values() if not is_warmup(r)]
 
     async def wait_buyer_request(self, timeout: float = 5.0) -> InferenceRequest:
         return await self.wait_message("inference_request", lambda r: not is_warmup(r), timeout)
