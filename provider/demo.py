@@ -82,9 +82,8 @@ async def _wait_ready(http: aiohttp.ClientSession, url: str, provider_id: str) -
 def _ready_in(event: Any, provider_id: str) -> bool:
     """True if a pool event (or snapshot) shows ``provider_id`` ready."""
     if isinstance(event, dict):
-        if event.get("provider_id") == provider_id and event.get("state") == "ready":
-            return True
-        if event.get("id") == provider_id and event.get("state") == "ready":
+        ours = provider_id in (event.get("provider_id"), event.get("id"))
+        if ours and "ready" in (event.get("state"), event.get("to")):
             return True
         return any(_ready_in(v, provider_id) for v in event.values())
     if isinstance(event, list):
