@@ -1,0 +1,95 @@
+"""5,000 random frames at the provider's handler, through the real socket.
+
+Bytes, arbitrary JSON, and near-valid messages (a field dropped, a wrong
+type, an unknown type, extra fields). Each must be answered (nak, end frame
+or preflight_ack) and the session must stay up and end ready.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+from coordinator_stub.app import CoordinatorStub
+
+from .conftest import PID, provider_config, running
+from .scripted_engine import ScriptedEngine
+
+VALID: dict[str, dict[str, Any]] = {
+    "cancel_request": {"request_id": "c", "reason": "buyer_disconnected"},
+    "preflight": {"request_id": "p", "estimated_tokens": 10},
+    "inference_request": {
+        "request_id": "r",
+        "stream": False,
+        "body": json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    },
+}
+ANSWER = {
+    "cancel_request": "inference_response_end",
+    "preflight": "preflight_ack",
+    "inference_request": "inference_response_end",
+}
+
+
+def junk(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(7 if depth < 3 else 4)
+    if kind == 0:
+        return rng.randint(-(2**63), 2**63)
+    if kind == 1:
+        return "".join(chr(rng.randrange(0x20, 0x2FFF)) for _ in range(rng.randrange(12)))
+    if kind == 2:
+        return rng.choice([None, True, False, 1.5e308, -0.0])
+    if kind == 3:
+        return rng.random()
+    if kind == 4:
+        return [junk(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {f"k{i}": junk(rng, depth + 1) for i in range(rng.randrange(4))}
+
+
+def make_frame(rng: random.Random, i: int) -> tuple[str | bytes, str]:
+    """A frame and the answer type it must get ("nak" for every invalid one)."""
+    choice = rng.randrange(6)
+    if choice == 0:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))), "nak"
+    if choice == 1:
+        return json.dumps(junk(rng)), "nak"
+    if choice == 2:
+        return json.dumps({"type": f"bogus_{rng.randrange(100)}", "x": junk(rng)}), "nak"
+    kind = rng.choice(list(VALID))
+    msg: dict[str, Any] = {"type": kind, **VALID[kind], "request_id": f"f{i}"}
+    if choice == 3:  # a required field missing
+        msg.pop(rng.choice([k for k in VALID[kind] if k != "reason"]))
+        return json.dumps(msg), "nak"
+    if choice == 4:  # a field of the wrong type
+        field = rng.choice(list(VALID[kind]))
+        msg[field] = rng.choice([[], {}, 3.5, None]) if field != "reason" else 7
+        return json.dumps(msg), "nak"
+    msg["extra_field"] = junk(rng)  # valid, with an unknown field (ignored)
+    return json.dumps(msg), ANSWER[kind]
+
+
+async def test_5000_random_frames_all_answered_session_survives(stub: CoordinatorStub) -> None:
+    rng = random.Random(20261121)
+    engine = ScriptedEngine(tokens=2, step_s=0.0)
+    async with running(provider_config(stub, max_concurrency=4), engine) as run:
+        await stub.wait_provider_state(PID, "ready")
+        session = run.session
+        expected: dict[str, int] = {"nak": 0, "inference_response_end": 0, "preflight_ack": 0}
+        before = {k: len(stub.frames_received(PID, k)) for k in expected}
+        for i in range(5000):
+            frame, answer = make_frame(rng, i)
+            expected[answer] += 1
+            await stub.send_raw(PID, frame)
+
+        def answered() -> bool:
+            return all(
+                len(stub.frames_received(PID, k)) - before[k] >= n for k, n in expected.items()
+            )
+
+        await stub.wait_for(answered, timeout=60, what="every frame answered")
+        got = {k: len(stub.frames_received(PID, k)) - before[k] for k in expected}
+        assert got == expected
+        await stub.wait_provider_state(PID, "ready")
+        assert run.agent.session is session and stub.drops == []
+        assert run.agent.state.in_flight == 0 and not run.task.done()
