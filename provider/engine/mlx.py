@@ -40,7 +40,7 @@ import queue
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -831,49 +831,26 @@ class MlxEngine:
         # EOS is matched by the job itself, so its token is never emitted.
         eos_stop = StopSequences([(t,) for t in sorted(self._tokenizer.eos_token_ids)])
         generator = make_generator()
+        pending: deque[_Job] = deque()  # arrived, not yet handed to the generator
         running: dict[int, _Job] = {}
         try:
             while True:
-                try:
-                    # Block only when idle; otherwise pick up arrivals between steps.
-                    item = self._commands.get(block=not running)
-                except queue.Empty:
-                    item = None
-                    arrivals: list[_Job | None] = []
-                else:
-                    arrivals = [item]
-                    while True:
-                        try:
-                            arrivals.append(self._commands.get_nowait())
-                        except queue.Empty:
-                            break
-                for job in arrivals:
-                    if job is None:
+                # Block only when idle; otherwise pick up arrivals between steps.
+                for item in self._take_commands(block=not running and not pending):
+                    if item is None:
                         self._stopping.set()
-                        continue
-                    if job.cancel.is_set() or self._stopping.is_set():
-                        job.finish("cancelled")
-                        continue
-                    try:
-                        self._start(job)
-                        (uid,) = generator.insert(
-                            [job.prompt],
-                            max_tokens=[job.max_tokens],
-                            samplers=[job.sampler],
-                            stop_sequences=[eos_stop],
-                        )
-                    except Exception as exc:
-                        log.exception("%s: could not start", job.request_id)
-                        job.fail(EngineError("error_internal", f"generation failed: {exc}"))
-                        self._finished(job)
-                        continue
-                    running[uid] = job
+                    else:
+                        pending.append(item)
                 if self._stopping.is_set():
-                    for job in running.values():
+                    for job in [*pending, *running.values()]:
                         job.finish("cancelled")
                         self._finished(job)
                     return
 
+                for job in [job for job in pending if job.cancel.is_set()]:
+                    pending.remove(job)
+                    job.finish("cancelled")
+                    self._finished(job)
                 cancelled = [uid for uid, job in running.items() if job.cancel.is_set()]
                 if cancelled:
                     generator.remove(cancelled)
@@ -881,6 +858,28 @@ class MlxEngine:
                         job = running.pop(uid)
                         job.finish("cancelled")
                         self._finished(job)
+
+                # A step returns its decode tokens only after that step's prefill
+                # chunk, so a prompt waits until every running request has its
+                # first token: otherwise a newcomer's prefill would hold back
+                # the previous request's first token. Admission is in arrival order.
+                if pending and all(job.stats.decode_steps for job in running.values()):
+                    for _ in range(min(self.prefill_batch_size, len(pending))):
+                        job = pending.popleft()
+                        try:
+                            self._start(job)
+                            (uid,) = generator.insert(
+                                [job.prompt],
+                                max_tokens=[job.max_tokens],
+                                samplers=[job.sampler],
+                                stop_sequences=[eos_stop],
+                            )
+                        except Exception as exc:
+                            log.exception("%s: could not start", job.request_id)
+                            job.fail(EngineError("error_internal", f"generation failed: {exc}"))
+                            self._finished(job)
+                            continue
+                        running[uid] = job
                 if not running:
                     continue
 
@@ -928,6 +927,17 @@ class MlxEngine:
                         self._finished(running.pop(uid))
         finally:
             generator.close()
+
+    def _take_commands(self, *, block: bool) -> list[_Job | None]:
+        """Everything queued now; with ``block``, wait for at least one item."""
+        items: list[_Job | None] = []
+        try:
+            items.append(self._commands.get(block=block))
+            while True:
+                items.append(self._commands.get_nowait())
+        except queue.Empty:
+            pass
+        return items
 
     def _guarded(self, job: _Job, fn: Callable[..., Any], *args: Any) -> bool:
         """Run ``fn``; an exception fails ``job`` alone. Returns whether the job is done."""

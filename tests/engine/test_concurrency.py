@@ -53,9 +53,14 @@ async def test_batching_interleaves_and_prefills_in_arrival_order(
 ) -> None:
     requests = [chat("word " * 200, max_tokens=100) for _ in range(4)]
     ids = [f"b{i}" for i in range(4)]
+    events: list[tuple[str, str]] = []
+    batch_engine.step_hook = lambda stats, kind: events.append((stats.request_id, kind))
     await asyncio.gather(
         *(collect(batch_engine, r, None, i) for r, i in zip(requests, ids, strict=True))
     )
+    # Each request has its first token before the next one's prefill starts.
+    firsts = [e for i, e in enumerate(events) if e not in events[:i]]
+    assert firsts == [(i, kind) for i in ids for kind in ("prefill", "decode")]
     stats = [batch_engine.last_stats[i] for i in ids]
     first_tokens = [s.first_token_at for s in stats]
     assert all(t is not None for t in first_tokens)
