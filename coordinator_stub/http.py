@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 KEEPALIVE = b": keepalive\n\n"
 
+#: Transport and socket send buffer of a ``/v1/events`` subscriber (bytes).
+EVENTS_BUFFER_BYTES = 16 * 1024
+
 #: HTTP status, error type and code for an end frame that is not ``complete``.
 END_ERRORS: dict[str, tuple[int, str, str]] = {
     "error_context_exceeded": (400, "invalid_request_error", "context_length_exceeded"),
@@ -412,8 +415,12 @@ class BuyerAPI:
             await response.prepare(request)
             if request.transport is not None:
                 # Keep hidden buffering small: the bounded queue is what
-                # absorbs a slow subscriber, not megabytes of transport buffer.
-                request.transport.set_write_buffer_limits(high=16 * 1024)
+                # absorbs a slow subscriber, not megabytes of transport and
+                # autotuned kernel buffers.
+                request.transport.set_write_buffer_limits(high=EVENTS_BUFFER_BYTES)
+                sock = request.transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, EVENTS_BUFFER_BYTES)
             await response.write(_sse(snapshot))
             while True:
                 event = await subscriber.get()

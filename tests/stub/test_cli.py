@@ -1,0 +1,112 @@
+"""The ``coordinator-stub`` command: ready line, working listeners, clean exit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from .scripted import ScriptedProvider
+
+ROOT = Path(__file__).resolve().parents[2]
+READY = re.compile(r"^ready ws=(ws://127\.0\.0\.1:\d+/ws/provider) http=(http://127\.0\.0\.1:\d+)$")
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).parent / "coordinator-stub"
+    if script.exists():
+        return [str(script)]
+    # Not installed as a distribution (no console script): same entry point.
+    return [sys.executable, "-m", "coordinator_stub"]
+
+
+async def _spawn(*args: str) -> asyncio.subprocess.Process:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return await asyncio.create_subprocess_exec(
+        *_command(),
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_ready_line_then_clean_exit_on_signal(signum: signal.Signals):
+    proc = await _spawn("--ws-port", "0", "--http-port", "0", "--token", "tok")
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode().rstrip("\n")
+        match = READY.match(line)
+        assert match, line
+        ws_url, http_url = match.groups()
+
+        provider = ScriptedProvider(ws_url)
+        ack = await provider.start()
+        assert ack.assigned_id == "p1"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{http_url}/v1/status") as resp:
+                status = await resp.json()
+        assert status["providers"][0]["provider_id"] == "p1"
+        await provider.close()
+
+        proc.send_signal(signum)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        rest = await proc.stdout.read()
+        assert rest == b""  # exactly one line on stdout
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.stderr is not None
+    logs = (await proc.stderr.read()).decode()
+    assert "provider registered provider_id=p1" in logs
+
+
+async def test_help_documents_the_flags():
+    proc = await _spawn("--help")
+    out, _ = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 0
+    text = out.decode()
+    for flag in (
+        "--host",
+        "--ws-port",
+        "--http-port",
+        "--token",
+        "--no-write-deadline",
+        "--write-deadline",
+        "--inactivity",
+        "--grace",
+        "--heartbeat-interval",
+        "--no-warmup-gate",
+        "--keepalive",
+        "--request-timeout",
+        "--so-rcvbuf",
+        "--refuse-connections",
+        "--accept-then-close",
+    ):
+        assert flag in text, flag
+
+
+def test_flags_map_to_config():
+    from coordinator_stub.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        [
+            "--token", "a", "--token", "b", "--no-write-deadline", "--inactivity", "1.5",
+            "--no-warmup-gate", "--keepalive", "0.1", "--heartbeat-interval", "5",
+        ]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert config.tokens == ("a", "b")
+    assert config.write_deadline_s is None and config.inactivity_s == 1.5
+    assert config.warmup_gate is False and config.keepalive_s == 0.1
+    assert config.heartbeat_interval_s == 5 and config.host == "127.0.0.1"
+    assert config.grace_s == 30.0 and config.probe_timeout_s == 0.5
