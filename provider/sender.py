@@ -31,9 +31,12 @@ class Sender:
         ws: Connection,
         *,
         timeout: float = 5.0,
+        abort: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``abort(cause)`` drops the connection; default: abort the transport."""
         self._ws = ws
+        self._abort = abort or (lambda _cause: ws.transport.abort())
         self._timeout = timeout
         self._clock = clock
         self._queue: asyncio.Queue[tuple[str, asyncio.Future[None] | None]] = asyncio.Queue()
@@ -67,7 +70,7 @@ class Sender:
                     async with asyncio.timeout(self._timeout):
                         await self._ws.send(text)
                 except TimeoutError:
-                    self._ws.transport.abort()
+                    self._abort("send_timeout")
                     raise ConnectionLost(
                         "send_timeout", f"a send did not complete in {self._timeout:g} s"
                     ) from None

@@ -166,7 +166,7 @@ class Session:
 
     async def run(self) -> None:
         self.ws = await self._connect()
-        self.sender = Sender(self.ws, timeout=self.config.send_timeout_s)
+        self.sender = Sender(self.ws, timeout=self.config.send_timeout_s, abort=self.abort)
         tasks: list[asyncio.Task[Any]] = []
 
         def start(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
