@@ -116,4 +116,7 @@ async def test_event_loop_stays_responsive(make_engine: Any, concurrency: int) -
     await task
     assert all(b[-1].completion_tokens == 600 for b in results)
     assert len(gaps) > 50
-    assert max(gaps) < 0.05, f"event loop stalled for {max(gaps) * 1000:.0f} ms"
+    # Typically a few ms. A model call on the loop would stall it for a whole
+    # prefill chunk (hundreds of ms on a 2-core CPU); the margin absorbs a
+    # loaded machine descheduling us.
+    assert max(gaps) < 0.1, f"event loop stalled for {max(gaps) * 1000:.0f} ms"
