@@ -5,8 +5,8 @@
 - ``hf_tokenizer``: the model's tokenizer loaded with transformers directly,
   independent of the engine, for counting prompt tokens.
 - ``make_engine``: ``await make_engine(**options)`` returns a loaded
-  :class:`~provider.engine.mlx.MlxEngine` on the tiny model; every engine made
-  is closed when the test ends.
+  :class:`~provider.engine.mlx.MlxEngine` on the tiny model (recording token
+  ids unless told otherwise); every engine made is closed when the test ends.
 - ``engine`` / ``batch_engine``: loaded engines with ``max_concurrency`` 1 and
   4, both with ``ignore_eos=True`` so lengths are exact.
 """
@@ -42,6 +42,7 @@ async def make_engine(tiny_model_dir: Path) -> AsyncIterator[MakeEngine]:
     engines: list[MlxEngine] = []
 
     async def make(**options: Any) -> MlxEngine:
+        options.setdefault("record_token_ids", True)
         engine = MlxEngine(tiny_model_dir, **options)
         engines.append(engine)
         await engine.load()

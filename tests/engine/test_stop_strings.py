@@ -46,6 +46,7 @@ def run(pieces: list[str], stop: list[str], max_tokens: int = 100) -> tuple[list
     )
     job.detokenizer = PieceDetokenizer(pieces)
     job.eos = frozenset({EOS})
+    job.record_tokens = True
     emitted = []
     for token in [*range(len(pieces)), EOS]:
         finished = job.on_token(token)
