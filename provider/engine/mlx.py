@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from provider.engine import EngineError, ModelInfo, TokenBatch
-from provider.protocol import ChatCompletionRequest, FinishReason
+from provider.protocol import ChatCompletionRequest, ChatMessage, FinishReason
 
 log = logging.getLogger("mlx_provider.engine")
 
@@ -545,8 +545,6 @@ class MlxEngine:
         return list(ids)
 
     def _encode_text(self, text: str) -> list[int]:
-        from provider.protocol import ChatMessage
-
         return self._encode(
             ChatCompletionRequest(messages=[ChatMessage(role="user", content=text)])
         )
