@@ -39,6 +39,15 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    # Defaults only for options taking a value: "--no-x (default: None)" would
+    # describe the dest, not the flag.
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or action.default in (None, []):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = _DEFAULTS
     parser = argparse.ArgumentParser(
@@ -49,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
             "OpenAI-compatible buyer API. Prints 'ready ws=... http=...' on stdout "
             "when listening; exits 0 on SIGTERM/SIGINT. Times are in seconds."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
 
     g = parser.add_argument_group("listeners")
@@ -212,14 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d["so_rcvbuf"],
         metavar="N",
-        help="SO_RCVBUF of accepted provider sockets (default: OS default)",
+        help="SO_RCVBUF of accepted provider sockets, small so a stalled stub pushes back "
+        "quickly (unset: OS default)",
     )
     g.add_argument(
         "--so-sndbuf",
         type=int,
         default=d["so_sndbuf"],
         metavar="N",
-        help="SO_SNDBUF of accepted provider sockets (default: OS default)",
+        help="SO_SNDBUF of accepted provider sockets, small so a provider that stops "
+        "reading fails the write probe quickly (unset: OS default)",
     )
     g.add_argument(
         "--close-timeout",
