@@ -192,7 +192,7 @@ class CoordinatorStub:
         return await self.changes.wait_for(predicate, timeout, what)
 
     async def wait_provider_state(
-        self, provider_id: str, state: str, timeout: float = 5.0
+        self, provider_id: str, state: str, *, timeout: float = 5.0
     ) -> ProviderRecord:
         """Await ``provider_id`` being in ``state``; returns its record."""
 
@@ -202,7 +202,7 @@ class CoordinatorStub:
 
         return await self.wait_for(check, timeout, f"{provider_id} in state {state}")
 
-    async def wait_connected(self, provider_id: str, timeout: float = 5.0) -> ProviderRecord:
+    async def wait_connected(self, provider_id: str, *, timeout: float = 5.0) -> ProviderRecord:
         """Await a registered, connected session of ``provider_id``."""
 
         def check() -> ProviderRecord | None:
@@ -283,7 +283,7 @@ class CoordinatorStub:
         what = f"drop of {provider_id}" + (f" with cause {cause}" if cause else "")
         return await self.wait_for(check, timeout, what)
 
-    async def wait_removed(self, provider_id: str, timeout: float = 5.0) -> RemovalRecord:
+    async def wait_removed(self, provider_id: str, *, timeout: float = 5.0) -> RemovalRecord:
         """Await ``provider_id`` being removed from the pool after its grace."""
 
         def check() -> RemovalRecord | None:
