@@ -57,6 +57,7 @@ from provider.protocol import (
 )
 from provider.reconnect import CLOSE_REASONS, FATAL_CLOSE_CODES, ConnectionLost, FatalRefusal
 from provider.sender import Sender
+from provider.sockopts import harden
 
 if TYPE_CHECKING:
     from provider.agent import Agent
@@ -179,6 +180,9 @@ class Session:
             start(self.sender.run(), "writer")
             await self._register(list(tasks))
             tick = heartbeat_tick(self.heartbeat_interval_s)
+            harden(
+                self.ws.transport.get_extra_info("socket"), unacked_timeout_s=watchdog_timeout(tick)
+            )
             start(self._handle_loop(), "handler")
             start(
                 heartbeat_loop(
@@ -212,6 +216,8 @@ class Session:
             ) from None
         finally:
             self.jobs.cancel_all("disconnect")
+            if self._warm_up_task is not None:
+                tasks.append(self._warm_up_task)
             for task in tasks:
                 task.cancel()
             job_tasks = [j.task for j in self.jobs.running.values() if j.task is not None]

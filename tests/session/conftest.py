@@ -26,9 +26,10 @@ def stub_config(**overrides: Any) -> StubConfig:
     return StubConfig(**(base | overrides))
 
 
-def provider_config(stub: CoordinatorStub, **overrides: Any) -> Config:
+def provider_config(stub: CoordinatorStub | str, **overrides: Any) -> Config:
+    """Provider settings for tests; ``stub`` is a running stub or its WebSocket URL."""
     base: dict[str, Any] = {
-        "coordinator_url": stub.ws_url,
+        "coordinator_url": stub if isinstance(stub, str) else stub.ws_url,
         "provider_id": PID,
         "provider_token": "tok",
         "model": "scripted",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 
@@ -13,14 +14,20 @@ from .scripted_engine import ScriptedEngine
 
 
 def main() -> int:
-    url, tokens, step = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("url")
+    parser.add_argument("tokens", type=int)
+    parser.add_argument("step", type=float)
+    parser.add_argument("--block", type=float, default=0.0, help="prefill time for [block] prompts")
+    args = parser.parse_args()
     config, _ = load_config(
         None,
         environ={},
-        overrides={"coordinator_url": url, "model": "scripted", "provider_id": "prov-sub",
+        overrides={"coordinator_url": args.url, "model": "scripted", "provider_id": "prov-sub",
                    "status_port": 0},
     )  # fmt: skip
-    return asyncio.run(serve(config, engine=ScriptedEngine(tokens=tokens, step_s=step)))
+    engine = ScriptedEngine(tokens=args.tokens, step_s=args.step, block_s=args.block)
+    return asyncio.run(serve(config, engine=engine))
 
 
 if __name__ == "__main__":
