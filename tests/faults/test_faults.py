@@ -154,16 +154,19 @@ async def test_coordinator_process_killed_mid_stream_and_restarted(
         backoff_max_s=1.0,
     )
     engine = ScriptedEngine(tokens=1_000_000, step_s=0.005)
+    hooks = JobEvents()
     try:
-        async with running(config, engine) as run:
+        async with running(config, engine, hooks=hooks) as run:
             await wait_status(http_url, lambda s: provider_state(s) == "ready")
+            hooks.started.clear()  # both were set by the stub's warm-up job
+            hooks.finished.clear()
             buyer = asyncio.create_task(buy(http_url, chat("stream", stream=True)))
-            await asyncio.wait_for(_until(lambda: run.agent.state.in_flight == 1), 10)
+            await asyncio.wait_for(hooks.started.wait(), 10)
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
             await asyncio.gather(buyer, return_exceptions=True)  # its coordinator died
-            await asyncio.wait_for(_until(lambda: run.agent.state.in_flight == 0), 10)
-            assert run.agent.totals["cancelled"] == 1
+            await asyncio.wait_for(hooks.finished.wait(), 10)
+            assert run.agent.totals["cancelled"] == 1 and run.agent.state.in_flight == 0
             proc, http_url = await start_stub_process(ws_port, http_port)
             await wait_status(http_url, lambda s: provider_state(s) == "ready")
             code, text = await buy(http_url, chat("after restart", max_tokens=3))
@@ -176,9 +179,18 @@ async def test_coordinator_process_killed_mid_stream_and_restarted(
             await proc.wait()
 
 
-async def _until(predicate: Any) -> None:
-    while not predicate():
-        await asyncio.sleep(0.01)  # state owned by the agent task; no event to await
+class JobEvents:
+    """Agent hooks as events: a job started, a job finished."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    def job_started(self) -> None:
+        self.started.set()
+
+    def job_finished(self) -> None:
+        self.finished.set()
 
 
 async def test_accept_then_close_50_times_is_not_a_hot_loop(
@@ -219,7 +231,7 @@ async def test_duplicated_frames_give_one_end_per_request(
     stub: CoordinatorStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine = ScriptedEngine(tokens=5, step_s=0.001)
-    async with running(provider_config(stub, max_concurrency=2), engine) as run:
+    async with running(provider_config(stub, max_concurrency=3), engine) as run:
         await stub.wait_provider_state(PID, "ready")
         stub.duplicate_frames(True)
         results = await asyncio.gather(*(buy(stub.http_url, chat(f"q{i}")) for i in range(3)))
