@@ -676,11 +676,8 @@ class MlxEngine:
         else:
             self._context_tokens = int(configured or model_context or FALLBACK_CONTEXT_TOKENS)
 
-        eos = sorted(tokenizer.eos_token_ids)
-        if self.ignore_eos and eos:
-            vocab = _vocab_size(config) or len(tokenizer)
-            mask = mx.zeros((vocab,))
-            mask[mx.array(eos)] = -float("inf")
+        if self.ignore_eos and tokenizer.eos_token_ids:
+            mask = self._make_eos_mask()
             self._eos_mask = mask
             self._greedy = lambda logprobs: mx.argmax(logprobs + mask, axis=-1)
         else:
@@ -714,10 +711,8 @@ class MlxEngine:
         prompt = mx.array(self._encode_text("Hello"))
         # The estimate needs every token, so EOS is masked whatever ignore_eos says.
         mask = self._eos_mask
-        eos = sorted(self._tokenizer.eos_token_ids)
-        if mask is None and eos:
-            mask = mx.zeros((_vocab_size(self._config) or len(self._tokenizer),))
-            mask[mx.array(eos)] = -float("inf")
+        if mask is None and self._tokenizer.eos_token_ids:
+            mask = self._make_eos_mask()
 
         def sampler(logprobs: Any) -> Any:
             return mx.argmax(logprobs if mask is None else logprobs + mask, axis=-1)
@@ -734,6 +729,19 @@ class MlxEngine:
             if last > first:
                 tps = (n - 1) / (last - first)
         return tps
+
+    def _make_eos_mask(self) -> Any:
+        """An additive logits mask: -inf at the EOS ids, 0 elsewhere."""
+        import mlx.core as mx
+
+        try:
+            # Shapes are known without evaluating, so this costs no forward pass.
+            vocab = self._model(mx.array([[0]])).shape[-1]
+        except Exception:
+            vocab = _vocab_size(self._config) or len(self._tokenizer)
+        mask = mx.zeros((vocab,))
+        mask[mx.array(sorted(self._tokenizer.eos_token_ids))] = -float("inf")
+        return mask
 
     def _start(self, job: _Job) -> None:
         job.stats.started_at = time.perf_counter()
