@@ -40,7 +40,6 @@ from provider.protocol import (
     BadRequest,
     CancelRequest,
     ChatCompletionRequest,
-    ChatMessage,
     Drain,
     DrainStatus,
     HelloAck,
@@ -66,9 +65,6 @@ log = logging.getLogger("mlx_provider.session")
 T = TypeVar("T")
 
 HANDSHAKE_TIMEOUT_S = 10.0
-WARM_UP_REQUEST = ChatCompletionRequest(
-    messages=[ChatMessage(role="user", content="Reply with ok.")], max_tokens=2
-)
 
 
 class _Connect(connect):
@@ -424,12 +420,8 @@ class Session:
         agent = self.agent
         agent.set_degraded("warming_up")
         try:
-            if agent.engine.info is None:
-                return  # the load itself ends with a generation
-            cancel_flag = Job(request_id="warm_up", stream=False).cancel
-            stream = agent.engine.generate(WARM_UP_REQUEST, cancel_flag)
-            async for _ in stream:
-                pass
+            if agent.engine.info is not None:  # else the load ends with a generation anyway
+                await agent.engine.warm_up()
         except Exception:
             log.exception("warm-up generation failed")
         finally:

@@ -89,6 +89,10 @@ class Engine(Protocol):
         """Run one chat completion; see the module docstring for the contract."""
         ...
 
+    async def warm_up(self) -> None:
+        """Run a tiny generation without taking a request slot (``warm_up`` message)."""
+        ...
+
     async def close(self) -> None:
         """Stop the generation thread; in-flight requests end cancelled."""
         ...

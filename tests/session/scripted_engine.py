@@ -117,5 +117,8 @@ class ScriptedEngine:
             await asyncio.to_thread(thread.join)
             self._active -= 1
 
+    async def warm_up(self) -> None:
+        await asyncio.to_thread(time.sleep, self.step_s * 2)
+
     async def close(self) -> None:
         return None

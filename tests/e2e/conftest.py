@@ -1,0 +1,69 @@
+"""The real thing on one machine: coordinator stub + provider agent + MlxEngine
+on a locally built tiny model, with the official ``openai`` client as buyer."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from coordinator_stub.app import CoordinatorStub
+from provider.engine.mlx import MlxEngine
+from provider.testing.model import build_test_model
+from tests.session.conftest import PID, Running, provider_config, running, stub_config
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_test_model(tmp_path_factory.mktemp("e2e-model") / "tiny", size="tiny", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@dataclass
+class System:
+    stub: CoordinatorStub
+    run: Running
+    engine: MlxEngine
+    buyer: openai.AsyncOpenAI
+    model: str
+
+
+@pytest.fixture
+def system(model_dir: Path) -> Callable[..., contextlib.AbstractAsyncContextManager[System]]:
+    @contextlib.asynccontextmanager
+    async def start(
+        *, stub_options: dict[str, Any] | None = None, **options: Any
+    ) -> AsyncIterator[System]:
+        config_options = {
+            k: options.pop(k) for k in ("max_concurrency", "max_context_tokens") if k in options
+        }
+        async with CoordinatorStub(stub_config(**(stub_options or {}))) as stub:
+            engine = MlxEngine(
+                model_dir,
+                max_concurrency=config_options.get("max_concurrency", 1),
+                max_context_tokens=config_options.get("max_context_tokens"),
+                **options,
+            )
+            config = provider_config(stub, model=str(model_dir), **config_options)
+            async with running(config, engine) as run:
+                await stub.wait_provider_state(PID, "ready", timeout=60)
+                buyer = openai.AsyncOpenAI(
+                    base_url=f"{stub.http_url}/v1", api_key="buyer", max_retries=0
+                )
+                try:
+                    yield System(stub, run, engine, buyer, model_dir.name)
+                finally:
+                    await buyer.close()
+
+    return start
