@@ -634,15 +634,29 @@ class MlxEngine:
         loaded.set_result(info)
         try:
             with mx.stream(self._stream), wired_limit(self._model, [self._stream]):
-                if self.max_concurrency == 1:
-                    self._serve_sequential()
-                else:
+                if self.max_concurrency > 1 and self._batchable():
                     self._serve_batched()
+                else:
+                    self._serve_sequential()
         except BaseException:
             log.exception("the generation thread failed")
         finally:
             self._stopping.set()
             self._drain_queue()
+
+    def _batchable(self) -> bool:
+        """Whether the model's KV caches can be merged (what BatchGenerator needs)."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        if all(hasattr(c, "merge") for c in make_prompt_cache(self._model)):
+            return True
+        log.warning(
+            "%s cannot be batched (its caches do not merge): serving the %d slots one "
+            "request at a time",
+            self.model,
+            self.max_concurrency,
+        )
+        return False
 
     def _drain_queue(self) -> None:
         while True:
@@ -786,13 +800,30 @@ class MlxEngine:
             hook(job.stats, kind)
 
     def _serve_sequential(self) -> None:
-        while not self._stopping.is_set():
-            job = self._commands.get()
-            if job is None:
+        pending: deque[_Job] = deque()
+        while True:
+            if not self._stopping.is_set():  # a sweep during a job may have seen close()
+                self._sweep(pending, block=not pending)
+            if self._stopping.is_set():
+                for job in pending:
+                    job.finish("cancelled")
                 return
-            self._run_one(job)
+            if pending:
+                self._run_one(pending.popleft(), pending)
 
-    def _run_one(self, job: _Job) -> None:
+    def _sweep(self, pending: deque[_Job], *, block: bool = False) -> None:
+        """Queue arrivals behind the running job; end waiting jobs already cancelled."""
+        for item in self._take_commands(block=block):
+            if item is None:
+                self._stopping.set()
+            else:
+                pending.append(item)
+        for job in [job for job in pending if job.cancel.is_set()]:
+            pending.remove(job)
+            job.finish("cancelled")
+            self._finished(job)
+
+    def _run_one(self, job: _Job, pending: deque[_Job]) -> None:
         import mlx.core as mx
         from mlx_lm.generate import generate_step
 
@@ -800,6 +831,7 @@ class MlxEngine:
             if 0 < done < total:
                 job.stats.prefill_chunks += 1
                 self._step_done(job, "prefill")
+            self._sweep(pending)
             if job.cancel.is_set() or self._stopping.is_set():
                 raise _Cancelled
 
@@ -819,6 +851,7 @@ class MlxEngine:
                     if job.on_token(int(token)):
                         break
                     self._step_done(job, "decode")
+                    self._sweep(pending)
                     if job.cancel.is_set() or self._stopping.is_set():
                         job.finish("cancelled")
                         break

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from provider.engine import EngineError, TokenBatch
-from provider.engine.mlx import RequestStats
+from provider.engine.mlx import MlxEngine, RequestStats
 from tests.engine.conftest import MakeEngine
 from tests.engine.helpers import chat, collect
 
@@ -227,4 +227,28 @@ async def test_slot_free_after_every_path(make_engine: MakeEngine) -> None:
     await anext(stream)
     await stream.aclose()
     assert engine.active == 0
+    assert (await collect(engine, chat(max_tokens=3)))[-1].completion_tokens == 3
+
+
+async def test_unbatchable_model_serves_slots_in_turn(
+    make_engine: MakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without mergeable caches: one at a time; a waiting request still cancels at once."""
+    monkeypatch.setattr(MlxEngine, "_batchable", lambda self: False)
+    engine = await make_engine(max_concurrency=2, ignore_eos=True)
+    cancel = threading.Event()
+
+    def hook(stats: RequestStats, kind: str) -> None:
+        # Cancel the second request from the generation thread once it waits.
+        if stats.request_id == "first" and "second" in engine.last_stats:
+            cancel.set()
+
+    engine.step_hook = hook
+    running = engine.generate(chat(max_tokens=LONG), threading.Event(), request_id="first")
+    await anext(running)
+    batches = await collect(engine, chat(max_tokens=5), cancel, "second")
+    assert [b.finish_reason for b in batches] == ["cancelled"]
+    assert engine.last_stats["second"].decode_steps == 0
+    assert engine.last_stats["first"].finish_reason is None  # still generating
+    await running.aclose()
     assert (await collect(engine, chat(max_tokens=3)))[-1].completion_tokens == 3
