@@ -1,0 +1,3 @@
+from tests.session.conftest import stub
+
+__all__ = ["stub"]
