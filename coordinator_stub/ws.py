@@ -16,6 +16,7 @@ flight's queue, so a waiting buyer can never hang on a dead provider.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -234,6 +235,9 @@ class ProviderSession:
         self.drop_cause: str | None = None
         self.drop_detail = ""
         self.closed = False
+        #: Set when the provider reports ``ready``: a failed warm-up (say,
+        #: model still loading) is retried then instead of after the pause.
+        self.reported_ready = asyncio.Event()
         self.unstalled = asyncio.Event()
         self.unstalled.set()
         self._outbox: asyncio.Queue[_Outgoing] = asyncio.Queue()
@@ -725,6 +729,8 @@ class WebSocketSide:
                 "state_update provider_id=%s state=%s reason=%s", pid, msg.state, msg.reason
             )
             self.bus.publish_all(self.pool.state_update(pid, sid, msg, now))
+            if msg.state == "ready":
+                session.reported_ready.set()
         elif isinstance(msg, InferenceResponseChunk | InferenceResponseEnd):
             self._on_response(session, msg)
         elif isinstance(msg, PreflightAck):
@@ -976,6 +982,7 @@ class WebSocketSide:
     async def _warm_up(self, session: ProviderSession) -> None:
         pid, sid = session.provider_id, session.session_id
         while not session.closed:
+            session.reported_ready.clear()
             flight = self.dispatch(WARMUP_BODY, stream=False, kind="warmup", session=session)
             outcome = await flight.wait_end(self.config.warmup_timeout_s)
             if isinstance(outcome, Gone):
@@ -999,13 +1006,15 @@ class WebSocketSide:
                     f"{outcome.usage.completion_tokens} error={outcome.error}"
                 )
             logger.warning(
-                "warm-up failed provider_id=%s session_id=%d %s; retry in %.3fs",
+                "warm-up failed provider_id=%s session_id=%d %s; retry in %.3fs "
+                "or when it reports ready",
                 pid,
                 sid,
                 why,
                 self.config.warmup_retry_s,
             )
-            await asyncio.sleep(self.config.warmup_retry_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(session.reported_ready.wait(), self.config.warmup_retry_s)
 
     # ------------------------------------------------------------------
     # Control

@@ -209,7 +209,8 @@ class HelloAck(_Message, tag="hello_ack", kw_only=True):
 class InferenceRequest(_Message, tag="inference_request", kw_only=True):
     request_id: RequestId
     stream: bool
-    body: Annotated[str, Meta(max_length=MAX_BODY_BYTES)]
+    # Its size in bytes is checked by decode_chat_request, with a buyer-facing message.
+    body: str
 
 
 class CancelRequest(_Message, tag="cancel_request", kw_only=True):
@@ -394,8 +395,9 @@ def decode_chat_request(body: str | bytes) -> ChatCompletionRequest:
     Raises :class:`BadRequest` whose message names the offending field, e.g.
     ``Expected `float` <= 2.0 - at `$.temperature```.
     """
-    if len(body) > MAX_BODY_BYTES:
-        raise BadRequest(f"request body is larger than {MAX_BODY_BYTES} bytes")
+    size = len(body.encode()) if isinstance(body, str) else len(body)
+    if size > MAX_BODY_BYTES:
+        raise BadRequest(f"request body is {size} bytes; the limit is {MAX_BODY_BYTES}")
     try:
         return _request_decoder.decode(body)
     except msgspec.DecodeError as exc:

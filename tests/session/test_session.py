@@ -384,3 +384,22 @@ async def test_fatal_close_code_stops_the_agent() -> None:
         async with running(config) as run:
             assert await asyncio.wait_for(run.task, 5) == 0
             assert "4009" in run.agent.exit_reason and "banned" in run.agent.exit_reason
+
+
+async def test_connects_while_loading_and_passes_the_gate_once_loaded() -> None:
+    # The stub's warm-up arrives while the model loads and fails with
+    # error_model_not_loaded; the provider's "ready" must bring the retry,
+    # not the stub's 10 s pause.
+    async with CoordinatorStub(stub_config(warmup_retry_s=10.0)) as stub:
+        async with running(provider_config(stub), ScriptedEngine(load_s=0.5)):
+            hello = (await stub.wait_frame(PID, "hello")).message
+            assert hello.model_params_b == 0 and hello.throughput_tps_estimate == 0
+            beat = await stub.wait_frame(PID, "heartbeat")
+            assert beat.message.loading is True and beat.message.status == "degraded"
+            t0 = time.monotonic()
+            await stub.wait_provider_state(PID, "ready", timeout=5)
+            assert time.monotonic() - t0 < 3
+            ends = stub.frames_received(PID, "inference_response_end")
+            assert ends[0].message.status == "error_model_not_loaded" and ends[0].message.retryable
+            later = await stub.wait_frame(PID, "heartbeat", where=lambda f: not f.message.loading)
+            assert later.message.throughput_tps_estimate > 0
