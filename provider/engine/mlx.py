@@ -254,10 +254,14 @@ class _Job:
 
 def _partial_stop_len(text: str, stops: list[str]) -> int:
     """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+    if not text:
+        return 0
+    last = text[-1]
     best = 0
     for stop in stops:
         for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
+            # Comparing the last character first keeps long stop strings cheap.
+            if stop[k - 1] == last and text.endswith(stop[:k]):
                 best = k
                 break
     return best
