@@ -30,6 +30,7 @@ from provider import __version__, telemetry
 from provider.config import Config, persist_keys
 from provider.engine import Engine
 from provider.jobs import Job, Outcome
+from provider.logs import add_secret
 from provider.metrics import MetricsWindow
 from provider.protocol import (
     HardwareSummary,
@@ -243,6 +244,7 @@ class Agent:
     def adopt_token(self, token: str) -> None:
         if token == self.token:
             return
+        add_secret(token)  # before anything could log it
         if self.config_path is not None:
             persist_keys(self.config_path, {"provider_token": token})
         self.token = token

@@ -198,13 +198,18 @@ def is_loopback(host: str) -> bool:
 
 def check_coordinator_url(url: str) -> None:
     """Refuse what would leak the token: plain ws:// off loopback, userinfo."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("ws", "wss"):
-        raise ConfigError(f"coordinator_url: scheme must be wss:// (got {url!r})")
-    if not parts.hostname:
-        raise ConfigError(f"coordinator_url: no host in {url!r}")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"coordinator_url: not a valid URL ({exc})") from None
+    # Credentials first: the errors below may show the URL's host.
     if parts.username is not None or parts.password is not None:
         raise ConfigError("coordinator_url: credentials in the URL are refused; use provider_token")
+    if parts.scheme not in ("ws", "wss"):
+        raise ConfigError(f"coordinator_url: scheme must be wss:// (got {parts.scheme}://)")
+    if not parts.hostname:
+        raise ConfigError("coordinator_url: the URL has no host")
     if parts.scheme == "ws" and not is_loopback(parts.hostname):
         raise ConfigError(
             f"coordinator_url: plain ws:// is allowed only to loopback; use wss://{parts.netloc}"

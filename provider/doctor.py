@@ -28,12 +28,13 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.frames import Close
 
 from provider.logs import default_log_dir
 from provider.service import DEFAULT_LABEL, LaunchAgent, host_platform, service_state
+from provider.session import NoRedirectConnect
 
 __all__ = [
     "CheckResult",
@@ -368,7 +369,7 @@ async def _websocket_check(url: str, token: str, timeout: float, settle: float) 
     name = "coordinator websocket"
     token_fix = "check provider_token; ask the marketplace for a new token if it was revoked"
     try:
-        async with connect(
+        async with NoRedirectConnect(
             url,
             additional_headers={"Authorization": f"Bearer {token}"},
             proxy=None,

@@ -69,6 +69,17 @@ def default_log_dir(*, platform: str | None = None, home: Path | None = None) ->
     return (Path(state) if state else home / ".local" / "state") / "mlx-provider"
 
 
+#: The filter installed by the last setup_logging(), for add_secret().
+_redactors: list[RedactingFilter] = []
+
+
+def add_secret(secret: str) -> None:
+    """Redact ``secret`` from now on too (a token the coordinator assigned)."""
+    for redactor in _redactors:
+        if secret and secret not in redactor.secrets:
+            redactor.secrets = sorted({*redactor.secrets, secret}, key=len, reverse=True)
+
+
 class RedactingFilter(logging.Filter):
     """Replace secrets and ``Bearer`` credentials in a record with ``***``.
 
@@ -221,6 +232,7 @@ def setup_logging(
             handler.close()
 
     redactor = RedactingFilter(secrets)
+    _redactors[:] = [redactor]
     is_tty = _isatty(stream)
     handlers: list[logging.Handler] = []
     if log_file is not None:

@@ -274,14 +274,29 @@ def encode_text(msg: msgspec.Struct) -> str:
     return _encoder.encode(msg).decode()
 
 
+#: What msgspec can raise on hostile input besides DecodeError: nesting past
+#: the interpreter's recursion limit, and invalid UTF-8 inside a bytes frame.
+_DECODE_ERRORS = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
+#: How much of a received ``type`` is echoed back (nak) or logged.
+MAX_TYPE_ECHO = 64
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "JSON is nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"invalid UTF-8 at byte {exc.start}"
+    return str(exc)
+
+
 def _decode(data: str | bytes, decoder: msgspec.json.Decoder, known: frozenset[str]) -> Any:
     try:
         return decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        error = str(exc)
+    except _DECODE_ERRORS as exc:
+        error = _describe(exc)
     try:
-        kind = _envelope_decoder.decode(data).type
-    except msgspec.DecodeError:
+        kind = _envelope_decoder.decode(data).type[:MAX_TYPE_ECHO]
+    except _DECODE_ERRORS:
         return Invalid("malformed_message", "", error)
     if kind not in known:
         return Invalid("unknown_message_type", kind, f"unknown message type {kind!r}")
@@ -400,8 +415,8 @@ def decode_chat_request(body: str | bytes) -> ChatCompletionRequest:
         raise BadRequest(f"request body is {size} bytes; the limit is {MAX_BODY_BYTES}")
     try:
         return _request_decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise BadRequest(str(exc)) from None
+    except _DECODE_ERRORS as exc:
+        raise BadRequest(_describe(exc)) from None
 
 
 FinishReason = Literal["stop", "length", "cancelled"]

@@ -67,7 +67,7 @@ T = TypeVar("T")
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
-class _Connect(connect):
+class NoRedirectConnect(connect):
     """websockets' connect, minus redirects: the token must not follow a Location."""
 
     def process_redirect(self, exc: Exception) -> Exception | str:
@@ -101,7 +101,7 @@ class Session:
         cfg = self.config
         pings = 20.0 if cfg.ws_pings else None
         try:
-            return await _Connect(
+            return await NoRedirectConnect(
                 cfg.coordinator_url,
                 additional_headers={"Authorization": f"Bearer {self.agent.token or ''}"},
                 user_agent_header=f"mlx-provider/{self.agent.binary_version}",
@@ -261,7 +261,13 @@ class Session:
             received, raw = await self.inbox.get()
             self.max_queue_wait_s = max(self.max_queue_wait_s, time.monotonic() - received)
             msg = decode_coordinator_frame(raw)
-            await self.dispatch(msg)
+            try:
+                await self.dispatch(msg)
+            except ConnectionLost:
+                raise
+            except Exception:
+                # A bug in one handler must not end the session; the frame is logged.
+                log.exception("handler failed for a %s frame", type(msg).__name__)
 
     async def dispatch(self, msg: Any) -> None:
         """Handle one decoded frame; quick: long work goes to its own task."""
@@ -281,10 +287,11 @@ class Session:
             case HelloAck():
                 log.info("ignoring hello_ack after registration")
             case Invalid():
+                # msg.type is already cut to MAX_TYPE_ECHO; the message may quote input.
                 log.warning(
                     "nak %s: %s",
                     msg.code,
-                    msg.message,
+                    msg.message[:300],
                     extra={"in_reply_to": msg.type, "code": msg.code},
                 )
                 await self.sender.send(

@@ -15,7 +15,6 @@ It knows nothing about the session: it is built from two callables.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import os
 import resource
 import sys
@@ -27,6 +26,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from provider import telemetry
+from provider.config import is_loopback
 from provider.logs import get_logger
 
 __all__ = [
@@ -45,13 +45,7 @@ HealthCheck = Callable[[], "bool | tuple[bool, str]"]
 
 
 def _check_loopback(host: str) -> None:
-    if host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not is_loopback(host):
         # The status page shows the provider id and traffic: keep it on this Mac.
         raise ValueError(
             f"status_host must be a loopback address (127.0.0.1, ::1 or localhost), got {host!r}"
@@ -83,7 +77,7 @@ class StatusServer:
         _check_loopback(host)
         self.get_status = get_status
         self.is_healthy = is_healthy
-        self.host = host
+        self.host = host.strip("[]")
         self.port = port
         self._runner: web.AppRunner | None = None
 

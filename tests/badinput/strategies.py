@@ -32,6 +32,7 @@ from provider.protocol import (
     MAX_MESSAGES,
     MAX_STOP,
     MAX_TOKENS_LIMIT,
+    MAX_TYPE_ECHO,
 )
 
 T = TypeVar("T")
@@ -585,7 +586,7 @@ def _unknown_type(draw_: st.DrawFn) -> FrameCase:
         "unknown type",
         dumps(msg, ascii_only),
         "nak",
-        in_reply_to=kind or "unknown",
+        in_reply_to=kind[:MAX_TYPE_ECHO] or "unknown",  # a nak echoes a bounded type
         code="unknown_message_type",
         mentions=("unknown message type",),
     )

@@ -16,11 +16,10 @@ import time
 from typing import Any
 
 import aiohttp
-import pytest
 
 from coordinator_stub.app import CoordinatorStub
 from provider.logs import JsonFormatter
-from provider.protocol import MAX_FRAME_BYTES
+from provider.protocol import MAX_FRAME_BYTES, MAX_TYPE_ECHO
 from tests.session.conftest import PID, provider_config, running
 from tests.session.scripted_engine import ScriptedEngine
 
@@ -115,7 +114,7 @@ EXPLICIT = [
     _nak(
         "1 MiB type",
         dumps({"type": "t" * 2**20}, True),
-        "t" * 2**20,
+        "t" * MAX_TYPE_ECHO,  # the nak echoes a bounded type
         "unknown message type",
         code="unknown_message_type",
     ),
@@ -243,33 +242,15 @@ async def _answered_in_place(
         await asyncio.wait_for(stub.preflight(PID, 1), 5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="provider/protocol.py _decode: RecursionError from msgspec (frame nested >~1000 "
-    "levels inside an object) escapes decode_coordinator_frame; Session._handle_loop dies, "
-    "the session closes and Agent.run raises",
-)
 async def test_deeply_nested_field_gets_a_nak(stub: CoordinatorStub) -> None:
     frame = '{"type":"preflight","request_id":"a","estimated_tokens":1,"x":' + DEEP + "}"
     await _answered_in_place(stub, frame, "nak", unchecked=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="provider/protocol.py _decode: a BINARY frame with invalid UTF-8 inside a JSON "
-    "string raises UnicodeDecodeError out of decode_coordinator_frame; the handler dies "
-    "and Agent.run raises",
-)
 async def test_binary_frame_with_invalid_utf8_string_gets_a_nak(stub: CoordinatorStub) -> None:
     await _answered_in_place(stub, b'{"type":"\xff"}', "nak")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="provider/session.py _on_inference_request catches only BadRequest; "
-    "decode_chat_request raises RecursionError on a body nested >~1000 levels, which "
-    "kills the handler and Agent.run",
-)
 async def test_deeply_nested_body_gets_an_end_frame(stub: CoordinatorStub) -> None:
     body = '{"messages":[{"role":"user","content":"x"}],"x":' + DEEP + "}"
     frame = dumps(
@@ -278,12 +259,6 @@ async def test_deeply_nested_body_gets_an_end_frame(stub: CoordinatorStub) -> No
     await _answered_in_place(stub, frame, "inference_response_end")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="provider/session.py Session.dispatch echoes an unknown `type` whole in "
-    "nak.in_reply_to: a type just under the 4 MiB frame limit makes a nak over it, "
-    "and the coordinator closes the session with 1009",
-)
 async def test_unknown_type_near_the_frame_limit_gets_a_nak_within_it(
     stub: CoordinatorStub,
 ) -> None:
@@ -303,12 +278,6 @@ class _Lines(logging.Handler):
         self.lines.append(self.format(record))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="provider/session.py Session.dispatch logs Invalid.message and the received type "
-    "(extra in_reply_to) whole: one frame with a 1 MiB `type` writes a 2 MiB log line, so a "
-    "few frames rotate the 10 MB log away",
-)
 async def test_nak_log_line_is_bounded(stub: CoordinatorStub) -> None:
     logger = logging.getLogger("mlx_provider")
     handler, level = _Lines(), logger.level

@@ -116,12 +116,6 @@ async def test_explicit_bad_bodies(stub: CoordinatorStub, http: aiohttp.ClientSe
         assert isinstance(await response.json(), dict)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="coordinator_stub/http.py BuyerAPI.chat_completions: decode_chat_request raises "
-    "RecursionError (not BadRequest) on a body nested >~1000 levels inside an object, "
-    "so the stub answers 500",
-)
 async def test_deeply_nested_field_gets_400(
     stub: CoordinatorStub, http: aiohttp.ClientSession
 ) -> None:

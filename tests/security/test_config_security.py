@@ -140,11 +140,6 @@ def test_accepted_url_is_safe_as_websockets_parses_it(url: str) -> None:
     assert parsed.secure or is_loopback(parsed.host), url
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="provider/config.py check_coordinator_url: the wrong-scheme and no-host errors "
-    "echo the whole URL with repr(), credentials included; the userinfo check runs after them",
-)
 @pytest.mark.parametrize(
     "url", ["https://user:hunter2@coord.example/ws", "ws://user:hunter2@/ws/provider"]
 )
@@ -154,12 +149,6 @@ def test_refusal_never_echoes_url_credentials(url: str) -> None:
     assert "hunter2" not in str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="provider/config.py check_coordinator_url never reads parts.port: a URL with a "
-    "non-numeric or out-of-range port passes the config, then websockets' parse_uri raises "
-    "ValueError in Session._connect (not caught there) and Agent.run dies",
-)
 @pytest.mark.parametrize("url", ["wss://coord.example:x/ws", "ws://127.0.0.1:99999/ws"])
 def test_url_with_bad_port_refused_by_config(url: str) -> None:
     with pytest.raises(ConfigError, match="coordinator_url"):
@@ -257,12 +246,6 @@ def test_loopback_status_host_accepted_by_both(host: str) -> None:
     StatusServer(dict, lambda: True, host=host, port=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="provider/config.py is_loopback strips [] from '[::1]' but "
-    "status_server._check_loopback does not: the config accepts status_host='[::1]', "
-    "then StatusServer raises ValueError in cli.serve, which only catches OSError",
-)
 def test_bracketed_ipv6_status_host_accepted_by_both() -> None:
     check_config(msgspec.convert({"status_host": "[::1]"}, Config))
     StatusServer(dict, lambda: True, host="[::1]", port=0)
