@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +280,11 @@ async def stream_chat(http: Any, url: str, body: dict[str, Any]) -> dict[str, fl
 
 
 async def http_section(
-    url: str, make_body: Callable[[], dict[str, Any]], args: argparse.Namespace
+    url: str,
+    make_body: Callable[[], dict[str, Any]],
+    args: argparse.Namespace,
+    *,
+    concurrent: bool = True,
 ) -> dict[str, Any]:
     import aiohttp
 
@@ -288,6 +292,8 @@ async def http_section(
     async with aiohttp.ClientSession(timeout=timeout) as http:
         await stream_chat(http, url, make_body())
         single = [await stream_chat(http, url, make_body()) for _ in range(args.repeats)]
+        if not concurrent:
+            return {"single": summarize_single(single)}
         start = time.perf_counter()
         runs = await asyncio.gather(
             *(stream_chat(http, url, make_body()) for _ in range(CONCURRENCY))
@@ -367,12 +373,44 @@ def end_to_end_available() -> str | None:
 async def bench_end_to_end(
     model: Path, prompts: Prompts, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Buyer HTTP -> coordinator stub -> WebSocket -> mlx-provider serve -> MLX."""
+    """Buyer HTTP -> coordinator stub -> WebSocket -> mlx-provider serve -> MLX.
+
+    Single-stream figures come from a provider with ``max_concurrency=1``
+    (one request at a time, as raw mlx-lm runs), concurrent ones from a
+    provider with ``max_concurrency=4``; single-stream on that provider is
+    reported too, as ``single_at_4``.
+    """
+
+    def body() -> dict[str, Any]:
+        return {
+            "model": model.name,
+            "messages": prompts.messages(),
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+    url = "{http}/v1/chat/completions"
+    async with serving(model, max_concurrency=1) as http_url:
+        one = await http_section(url.format(http=http_url), body, args, concurrent=False)
+    async with serving(model, max_concurrency=CONCURRENCY) as http_url:
+        many = await http_section(url.format(http=http_url), body, args)
+    return {
+        "single": one["single"],
+        "single_at_4": many["single"],
+        f"concurrent_{CONCURRENCY}": many[f"concurrent_{CONCURRENCY}"],
+    }
+
+
+@contextlib.asynccontextmanager
+async def serving(model: Path, *, max_concurrency: int) -> AsyncIterator[str]:
+    """Coordinator stub + ``mlx-provider serve`` processes; yields the stub's HTTP URL."""
     import aiohttp
 
     env = dict(os.environ, PYTHONUNBUFFERED="1", MLX_ENGINE_IGNORE_EOS="1")
     workdir = Path(tempfile.mkdtemp(prefix="relay-e2e-"))
-    log(f"end to end: coordinator stub + mlx-provider serve (logs in {workdir})")
+    log(f"end to end, max_concurrency={max_concurrency} (logs in {workdir})")
     stub = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "coordinator_stub", "--ws-port", "0", "--http-port", "0",
         stdout=asyncio.subprocess.PIPE, stderr=(workdir / "stub.log").open("wb"), env=env,
@@ -391,7 +429,7 @@ async def bench_end_to_end(
         provider = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "provider", "serve", "--coordinator", ws_url,
             "--model", str(model), "--provider-id", "relay-bench", "--token", "relay-bench",
-            "--status-port", "0", "--max-concurrency", str(CONCURRENCY),
+            "--status-port", "0", "--max-concurrency", str(max_concurrency),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=(workdir / "provider.log").open("wb"), env=env,
         )  # fmt: skip
@@ -414,20 +452,7 @@ async def bench_end_to_end(
         if ready_task not in done:
             reason = f"exited with {provider.returncode}" if exited in done else "timed out"
             raise RuntimeError(f"provider not ready ({reason}); see {workdir / 'provider.log'}")
-
-        def body() -> dict[str, Any]:
-            return {
-                "model": model.name,
-                "messages": prompts.messages(),
-                "max_tokens": MAX_TOKENS,
-                "temperature": 0.0,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-
-        result = await http_section(f"{http_url}/v1/chat/completions", body, args)
-        result["provider_max_concurrency"] = CONCURRENCY
-        return result
+        yield http_url
     finally:
         if provider is not None:
             await stop(provider)

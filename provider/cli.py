@@ -107,6 +107,7 @@ def make_engine(config: Config) -> Any:
         max_context_tokens=config.max_context_tokens,
         default_max_tokens=config.default_max_tokens,
         prefill_step_size=config.prefill_step_size,
+        handoff_interval=config.chunk_interval_ms / 1000.0,
     )
 
 
