@@ -94,6 +94,10 @@ class Agent:
         self.service_instance_id = uuid.uuid4().hex
         self.hostname = socket.gethostname().encode()[:253].decode(errors="ignore")
         self.ram_gb = total_ram_gb()
+        # Once: platform.processor() may run `uname -p`, not a heartbeat's job.
+        self.hardware = HardwareSummary(
+            chip=platform.processor() or platform.machine(), cpu_cores_total=os.cpu_count()
+        )
         self.policy = BackoffPolicy(
             config.backoff_initial_s, config.backoff_max_s, config.backoff_jitter
         )
@@ -326,45 +330,45 @@ class Agent:
         info = self.engine.info
         return info.throughput_tps_estimate if info else 0.0
 
+    def _model_fields(self) -> dict[str, Any]:
+        """Model facts for hello and heartbeats; zeros until the model has loaded."""
+        info = self.engine.info
+        return {
+            "model_id": self.model_id,
+            "model_params_b": info.model_params_b if info else 0.0,
+            "ram_gb": self.ram_gb,
+            "max_context_tokens": (
+                info.max_context_tokens if info else self.config.max_context_tokens
+            )
+            or 0,
+            "max_concurrency": self.config.max_concurrency,
+            "throughput_tps_estimate": info.throughput_tps_estimate if info else 0.0,
+        }
+
     def hello_message(self) -> Hello:
         info = self.engine.info
         assert self.config.provider_id is not None
         return Hello(
             provider_id=self.config.provider_id,
             hostname=self.hostname,
-            model_id=self.model_id,
-            model_params_b=info.model_params_b if info else 0.0,
-            ram_gb=self.ram_gb,
-            max_context_tokens=(info.max_context_tokens if info else self.config.max_context_tokens)
-            or 0,
-            max_concurrency=self.config.max_concurrency,
-            throughput_tps_estimate=info.throughput_tps_estimate if info else 0.0,
             binary_version=self.binary_version,
             attestation=None,
             model_hash=info.model_hash if info else None,
             model_load_time_ms=info.model_load_time_ms if info else None,
             supported_models=[self.model_id],
+            **self._model_fields(),
         )
 
     def heartbeat_message(self) -> Heartbeat:
-        info = self.engine.info
         status = self.state.status()
         return Heartbeat(
             status=status.state,
-            model_id=self.model_id,
-            model_params_b=info.model_params_b if info else 0.0,
-            ram_gb=self.ram_gb,
-            max_context_tokens=(info.max_context_tokens if info else self.config.max_context_tokens)
-            or 0,
-            max_concurrency=self.config.max_concurrency,
             slots_free=status.slots_free,
             slots_total=status.slots_total,
-            throughput_tps_estimate=info.throughput_tps_estimate if info else 0.0,
             loading=self.engine.loading,
-            hardware_summary=HardwareSummary(
-                chip=platform.processor() or platform.machine(), cpu_cores_total=os.cpu_count()
-            ),
+            hardware_summary=self.hardware,
             service_instance_id=self.service_instance_id,
+            **self._model_fields(),
             **_window_fields(self.window),
         )
 
