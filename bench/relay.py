@@ -258,17 +258,15 @@ def free_port() -> int:
 
 async def stream_chat(http: Any, url: str, body: dict[str, Any]) -> dict[str, float]:
     """POST a streaming chat completion; time the content deltas."""
+    from provider.demo import sse_chunks
+
     start = time.perf_counter()
     first = last = None
     tokens = deltas = 0
     async with http.post(url, json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[5:])
+        async for chunk in sse_chunks(resp):
             if chunk.get("usage"):
                 tokens = chunk["usage"].get("completion_tokens", tokens)
             for choice in chunk.get("choices", []):

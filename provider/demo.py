@@ -20,6 +20,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,16 @@ def _ready_in(event: Any, provider_id: str) -> bool:
     return False
 
 
+async def sse_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of an OpenAI SSE stream, up to ``data: [DONE]``."""
+    async for raw in resp.content:
+        line = raw.decode().strip()
+        if line == "data: [DONE]":
+            return
+        if line.startswith("data:"):
+            yield json.loads(line[5:])
+
+
 async def _stream_completion(
     http: aiohttp.ClientSession, url: str, model: str, prompt: str, max_tokens: int
 ) -> dict[str, Any]:
@@ -108,11 +119,7 @@ async def _stream_completion(
     async with http.post(f"{url}/v1/chat/completions", json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"completion failed: HTTP {resp.status}: {await resp.text()}")
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[5:])
+        async for chunk in sse_chunks(resp):
             if chunk.get("usage"):
                 usage = chunk["usage"]
             for choice in chunk.get("choices", []):
