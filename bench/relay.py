@@ -157,10 +157,17 @@ def timing(start: float, first: float | None, last: float | None, tokens: int) -
 
 def bench_raw(model: Path, prompts: Prompts, args: argparse.Namespace) -> dict[str, Any]:
     """mlx_lm.stream_generate in this thread: no engine, no loop, no network."""
+    log("raw: mlx_lm.stream_generate")
+    run = raw_runner(model, prompts)
+    run()
+    return summarize_single([run() for _ in range(args.repeats)])
+
+
+def raw_runner(model: Path, prompts: Prompts) -> Callable[[], dict[str, float]]:
+    """One raw ``stream_generate`` request per call (EOS suppressed, new prompt each time)."""
     import mlx.core as mx
     from mlx_lm import load, stream_generate
 
-    log("raw: mlx_lm.stream_generate")
     loaded, tokenizer = load(str(model))
     mask = mx.zeros((loaded.args.vocab_size,))
     mask[mx.array(sorted(tokenizer.eos_token_ids))] = -float("inf")
@@ -181,8 +188,7 @@ def bench_raw(model: Path, prompts: Prompts, args: argparse.Namespace) -> dict[s
             tokens = response.generation_tokens
         return timing(start, first, last, tokens)
 
-    run()
-    return summarize_single([run() for _ in range(args.repeats)])
+    return run
 
 
 async def bench_engine(model: Path, prompts: Prompts, args: argparse.Namespace) -> dict[str, Any]:
@@ -380,14 +386,7 @@ async def bench_end_to_end(
     """
 
     def body() -> dict[str, Any]:
-        return {
-            "model": model.name,
-            "messages": prompts.messages(),
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0.0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+        return chat_body(model, prompts)
 
     url = "{http}/v1/chat/completions"
     async with serving(model, max_concurrency=1) as http_url:
@@ -399,6 +398,69 @@ async def bench_end_to_end(
         "single_at_4": many["single"],
         f"concurrent_{CONCURRENCY}": many[f"concurrent_{CONCURRENCY}"],
     }
+
+
+def chat_body(model: Path, prompts: Prompts) -> dict[str, Any]:
+    return {
+        "model": model.name,
+        "messages": prompts.messages(),
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def bench_paired(model: Path, prompts: Prompts, args: argparse.Namespace) -> dict[str, Any]:
+    """Raw, end to end, and 4 concurrent buyers, in turn, ``--repeats`` times.
+
+    This host's speed drifts by up to 2x over minutes (raw stream_generate
+    alone swings between ~600 and ~1,400 tok/s on the tiny model), so
+    figures taken minutes apart do not compare. Here each round runs one raw
+    request, one end-to-end request (provider with max_concurrency 1) and 4
+    concurrent end-to-end requests (provider with max_concurrency 4) back to
+    back; ratios are taken within a round, then the median over rounds.
+    """
+    import aiohttp
+
+    raw = raw_runner(model, prompts)
+    rounds = []
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with (
+        serving(model, max_concurrency=1) as one_url,
+        serving(model, max_concurrency=CONCURRENCY) as many_url,
+        aiohttp.ClientSession(timeout=timeout) as http,
+    ):
+        one = f"{one_url}/v1/chat/completions"
+        many = f"{many_url}/v1/chat/completions"
+        raw()
+        await stream_chat(http, one, chat_body(model, prompts))
+        await stream_chat(http, many, chat_body(model, prompts))
+        for _ in range(args.repeats):
+            r = raw()
+            e = await stream_chat(http, one, chat_body(model, prompts))
+            start = time.perf_counter()
+            runs = await asyncio.gather(
+                *(stream_chat(http, many, chat_body(model, prompts)) for _ in range(CONCURRENCY))
+            )
+            c = summarize_concurrent(list(runs), max(x["end"] for x in runs) - start)
+            e_total_s = e["ttft_ms"] / 1000 + (e["tokens"] - 1) / e["decode_tps"]
+            rounds.append(
+                {
+                    "raw_ttft_ms": r["ttft_ms"],
+                    "raw_decode_tps": r["decode_tps"],
+                    "e2e_ttft_ms": e["ttft_ms"],
+                    "e2e_decode_tps": e["decode_tps"],
+                    "c4_mean_ttft_ms": c["mean_ttft_ms"],
+                    "c4_aggregate_tps": c["aggregate_tps"],
+                    "decode_ratio": e["decode_tps"] / r["decode_tps"],
+                    "ttft_delta_ms": e["ttft_ms"] - r["ttft_ms"],
+                    "c4_ttft_ratio": c["mean_ttft_ms"] / e["ttft_ms"],
+                    "c4_vs_single_e2e_tps": c["aggregate_tps"] / (e["tokens"] / e_total_s),
+                }
+            )
+    median = {k: round(statistics.median(x[k] for x in rounds), 3) for k in rounds[0]}
+    return {"rounds": len(rounds), "median": median, "per_round": rounds}
 
 
 @contextlib.asynccontextmanager
@@ -434,11 +496,10 @@ async def serving(model: Path, *, max_concurrency: int) -> AsyncIterator[str]:
 
         async def provider_ready() -> None:
             # The stub's event stream shows the provider ready after its warm-up.
-            async with aiohttp.ClientSession() as http, http.get(f"{http_url}/v1/events") as resp:
-                async for raw in resp.content:
-                    text = raw.decode()
-                    if '"relay-bench"' in text and '"ready"' in text:
-                        return
+            from provider.demo import wait_ready
+
+            async with aiohttp.ClientSession() as http:
+                await wait_ready(http, http_url, "relay-bench")
 
         ready_task = asyncio.create_task(provider_ready())
         exited = asyncio.create_task(provider.wait())
@@ -457,7 +518,7 @@ async def serving(model: Path, *, max_concurrency: int) -> AsyncIterator[str]:
         await stop(stub)
 
 
-SECTIONS = ("raw", "engine", "mlx_lm_server", "end_to_end")
+SECTIONS = ("raw", "engine", "mlx_lm_server", "end_to_end", "paired")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -499,9 +560,10 @@ def main(argv: list[str] | None = None) -> int:
             "engine": lambda: asyncio.run(bench_engine(model, prompts, args)),
             "mlx_lm_server": lambda: asyncio.run(bench_mlx_lm_server(model, prompts, args)),
             "end_to_end": lambda: asyncio.run(bench_end_to_end(model, prompts, args)),
+            "paired": lambda: asyncio.run(bench_paired(model, prompts, args)),
         }
         for name in wanted:
-            if name == "end_to_end" and (why := end_to_end_available()):
+            if name in ("end_to_end", "paired") and (why := end_to_end_available()):
                 results[name] = {"skipped": why}
                 continue
             started = time.perf_counter()

@@ -67,28 +67,28 @@ async def _read_ready_line(proc: asyncio.subprocess.Process) -> tuple[str, str]:
             return match.group(1), match.group(2)
 
 
-async def _wait_ready(http: aiohttp.ClientSession, url: str, provider_id: str) -> dict[str, Any]:
+async def wait_ready(http: aiohttp.ClientSession, url: str, provider_id: str) -> dict[str, Any]:
     # Pool events: the snapshot comes first, then changes; no polling needed.
     async with http.get(f"{url}/v1/events") as resp:
         async for raw in resp.content:
             line = raw.decode().strip()
             if not line.startswith("data:"):
                 continue
-            if _ready_in(json.loads(line[5:]), provider_id):
+            if ready_in(json.loads(line[5:]), provider_id):
                 break
     async with http.get(f"{url}/v1/status") as resp:
         return await resp.json()
 
 
-def _ready_in(event: Any, provider_id: str) -> bool:
+def ready_in(event: Any, provider_id: str) -> bool:
     """True if a pool event (or snapshot) shows ``provider_id`` ready."""
     if isinstance(event, dict):
         ours = provider_id in (event.get("provider_id"), event.get("id"))
         if ours and "ready" in (event.get("state"), event.get("to")):
             return True
-        return any(_ready_in(v, provider_id) for v in event.values())
+        return any(ready_in(v, provider_id) for v in event.values())
     if isinstance(event, list):
-        return any(_ready_in(v, provider_id) for v in event)
+        return any(ready_in(v, provider_id) for v in event)
     return False
 
 
@@ -184,7 +184,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         )  # fmt: skip
         async with aiohttp.ClientSession() as http:
             t0 = time.perf_counter()
-            await _wait_ready(http, http_url, "demo-provider")
+            await wait_ready(http, http_url, "demo-provider")
             say(f"provider registered and warmed up in {time.perf_counter() - t0:.1f} s")
             say(f"streaming a completion: {args.prompt!r}")
             timings = await _stream_completion(

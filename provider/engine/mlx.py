@@ -1003,6 +1003,8 @@ class MlxEngine:
     def _take_commands(self, *, block: bool) -> list[_Job | None]:
         """Everything queued now; with ``block``, wait for at least one item."""
         items: list[_Job | None] = []
+        if not block and self._commands.empty():
+            return items  # the per-decode-step case: no exception raised and caught
         try:
             items.append(self._commands.get(block=block))
             while True:
