@@ -70,6 +70,8 @@ TOKEN = "soak-token"
 
 #: A request without a terminal answer this long after it was sent is lost.
 REQUEST_BOUND_S = 120.0
+#: How long the coordinator stays stalled unless the provider leaves it first.
+STALL_HOLD_S = 30.0
 #: A fault after which the provider is not ready again this long is unrecovered.
 RECOVERY_BOUND_S = 60.0
 #: How long the delay and duplicate faults stay on.
@@ -434,14 +436,17 @@ def fault_result(
     *,
     held_s: float = 0.0,
     before: tuple[int, int | None],
+    since: float | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
+    """``recovered_after_s`` counts from ``since`` (default: the injection)."""
     after = (len(soak.generations), current_session(soak.stub))
+    base = injected if since is None else since
     return {
         "kind": kind,
         "injected_at_s": soak.at(injected),
         "held_s": round(held_s, 2),
-        "recovered_after_s": None if ready is None else round(ready - injected, 2),
+        "recovered_after_s": None if ready is None else round(ready - base, 2),
         "reconnected": after != before,
         **extra,
     }
@@ -464,21 +469,35 @@ async def fault_drop(soak: Soak, kind: str) -> dict[str, Any]:
 
 
 async def fault_stall(soak: Soak, kind: str) -> dict[str, Any]:
-    """Stall the session until the provider leaves it for a new one, at most 60 s."""
+    """The coordinator stops reading and writing for up to STALL_HOLD_S.
+
+    A provider that is streaming fills the socket buffers, its bounded send
+    trips and it reconnects (``detected_by_provider``). An idle one cannot
+    tell a hung coordinator from a quiet one: the coordinator sends nothing
+    unsolicited and WebSocket pings are off (the real coordinator drops
+    sessions that ping), and the coordinator's kernel still acknowledges the
+    heartbeats. For it, recovery is serving again as soon as the coordinator
+    resumes, with nothing lost; recovered_after_s then counts from the lift.
+    """
     stub = soak.stub
     session = current_session(stub)
     before = (len(soak.generations), session)
     injected = time.monotonic()
     stub.stall_reads(PROVIDER_ID)
-    ready = await wait_ready(stub, injected + RECOVERY_BOUND_S, not_session=session)
+    ready = await wait_ready(stub, injected + STALL_HOLD_S, not_session=session)
     lifted = time.monotonic()
     stub.reset_faults()
     soak.stall_windows.append((injected, lifted))
     extra: dict[str, Any] = {"detected_by_provider": ready is not None}
     if ready is None:
-        # Not detected: lifting the stall is what brings the session back.
         back = await wait_ready(stub, lifted + RECOVERY_BOUND_S)
         extra["ready_after_lift_s"] = None if back is None else round(back - lifted, 2)
+        if back is not None:
+            extra["recovered_counted_from"] = "lift"
+            return fault_result(
+                soak, kind, injected, back, held_s=lifted - injected, before=before,
+                since=lifted, **extra,
+            )  # fmt: skip
     return fault_result(
         soak, kind, injected, ready, held_s=lifted - injected, before=before, **extra
     )
