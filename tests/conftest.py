@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+#: Loggers that provider.logs.setup_logging reconfigures (handlers, level, propagation).
+_LOGGERS = ("mlx_provider", "websockets", "websockets.client", "aiohttp", "asyncio")
 
 
 @pytest.fixture(autouse=True)
@@ -18,3 +23,18 @@ def _isolated_home(
         if name.startswith("MLX_PROVIDER_"):
             monkeypatch.delenv(name)
     return home
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """setup_logging changes process-wide state: put the loggers back after every test."""
+    loggers = [logging.getLogger(n) for n in _LOGGERS]
+    saved = [(list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    yield
+    for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        for handler in logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate

@@ -14,7 +14,7 @@ import io
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -34,22 +34,7 @@ LOGGERS = (LOGGER_NAME, "websockets", "websockets.client", "aiohttp", "asyncio")
 
 
 @pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """setup_logging changes process-wide state: put the loggers back afterwards."""
-    loggers = [logging.getLogger(n) for n in LOGGERS]
-    saved = [(list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
-    yield
-    for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
-        for handler in logger.handlers:
-            if handler not in handlers:
-                handler.close()
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-        logger.propagate = propagate
-
-
-@pytest.fixture
-def log_text(restore_logging: None) -> io.StringIO:
+def log_text() -> io.StringIO:
     """The agent's logging, as JSON lines into a buffer, at debug, token as secret."""
     buffer = io.StringIO()
     setup_logging(level="debug", secrets=[TOKEN], stream=buffer, json=True)
@@ -170,7 +155,7 @@ class Opaque:
 
 
 @pytest.mark.parametrize("as_json", [True, False])
-def test_exception_holding_the_token_is_redacted(restore_logging: None, as_json: bool) -> None:
+def test_exception_holding_the_token_is_redacted(as_json: bool) -> None:
     out = io.StringIO()
     setup_logging(level="debug", secrets=[TOKEN], stream=out, json=as_json)
     log = get_logger("security")
