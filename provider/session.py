@@ -210,6 +210,13 @@ class Session:
             raise ConnectionLost(
                 self._abort_cause or exc.cause, exc.detail, stable=stable, close_code=exc.close_code
             ) from None
+        except FatalRefusal:
+            raise
+        except Exception as exc:
+            # A bug must cost a reconnect, never the process (launchd would
+            # restart it, but without the in-memory state and with a delay).
+            log.exception("session failed")
+            raise ConnectionLost("internal_error", repr(exc)) from None
         finally:
             self.jobs.cancel_all("disconnect")
             if self._warm_up_task is not None:

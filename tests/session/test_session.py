@@ -403,3 +403,27 @@ async def test_connects_while_loading_and_passes_the_gate_once_loaded() -> None:
             assert ends[0].message.status == "error_model_not_loaded" and ends[0].message.retryable
             later = await stub.wait_frame(PID, "heartbeat", where=lambda f: not f.message.loading)
             assert later.message.throughput_tps_estimate > 0
+
+
+async def test_a_bug_in_a_session_costs_a_reconnect_not_the_process(
+    stub: CoordinatorStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from provider.agent import Agent
+
+    real = Agent.heartbeat_message
+    calls = {"n": 0}
+
+    def flaky(self: Agent) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("bug in heartbeat building")
+        return real(self)
+
+    monkeypatch.setattr(Agent, "heartbeat_message", flaky)
+    async with running(provider_config(stub)) as run:
+        await stub.wait_for(
+            lambda: len(stub.frames_received(PID, "hello")) >= 2, what="a second registration"
+        )
+        await stub.wait_provider_state(PID, "ready")
+        assert not run.task.done()
+        assert run.agent.reconnects[0]["cause"] == "internal_error"
