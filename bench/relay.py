@@ -263,7 +263,12 @@ def free_port() -> int:
 
 
 async def stream_chat(http: Any, url: str, body: dict[str, Any]) -> dict[str, float]:
-    """POST a streaming chat completion; time the content deltas."""
+    """POST a streaming chat completion; time it as the buyer sees it.
+
+    TTFT is the first delta event (a role chunk or content: both mean a
+    token exists, like raw's first yielded token even when its text is still
+    held by the detokenizer); decode time runs to the last content delta.
+    """
     from provider.demo import sse_chunks
 
     start = time.perf_counter()
@@ -276,9 +281,11 @@ async def stream_chat(http: Any, url: str, body: dict[str, Any]) -> dict[str, fl
             if chunk.get("usage"):
                 tokens = chunk["usage"].get("completion_tokens", tokens)
             for choice in chunk.get("choices", []):
-                if choice.get("delta", {}).get("content"):
+                delta = choice.get("delta", {})
+                if first is None and (delta.get("role") or delta.get("content")):
+                    first = time.perf_counter()
+                if delta.get("content"):
                     last = time.perf_counter()
-                    first = first or last
                     deltas += 1
     return timing(start, first, last, tokens or deltas)
 
@@ -452,6 +459,7 @@ async def bench_paired(model: Path, prompts: Prompts, args: argparse.Namespace) 
                     "e2e_ttft_ms": e["ttft_ms"],
                     "e2e_decode_tps": e["decode_tps"],
                     "c4_mean_ttft_ms": c["mean_ttft_ms"],
+                    "c4_ttfts_ms": sorted(round(x["ttft_ms"], 1) for x in runs),
                     "c4_aggregate_tps": c["aggregate_tps"],
                     "decode_ratio": e["decode_tps"] / r["decode_tps"],
                     "ttft_delta_ms": e["ttft_ms"] - r["ttft_ms"],
@@ -459,7 +467,11 @@ async def bench_paired(model: Path, prompts: Prompts, args: argparse.Namespace) 
                     "c4_vs_single_e2e_tps": c["aggregate_tps"] / (e["tokens"] / e_total_s),
                 }
             )
-    median = {k: round(statistics.median(x[k] for x in rounds), 3) for k in rounds[0]}
+    median = {
+        k: round(statistics.median(x[k] for x in rounds), 3)
+        for k in rounds[0]
+        if isinstance(rounds[0][k], float | int)
+    }
     return {"rounds": len(rounds), "median": median, "per_round": rounds}
 
 

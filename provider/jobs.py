@@ -154,7 +154,7 @@ async def relay(
                 final = batch
                 pending += batch.text
                 break
-            if not batch.text:
+            if not batch.text and job.first_token_at is not None:
                 continue
             if job.stream:
                 pending += batch.text

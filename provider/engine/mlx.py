@@ -228,7 +228,10 @@ class _Job:
     def publish(
         self, text: str, *, finish: FinishReason | None = None, error: EngineError | None = None
     ) -> None:
-        if not text and finish is None and error is None:
+        if not text and finish is None and error is None and self.last_wake:
+            # Nothing new to say, except at the first token: its text may be
+            # held (a partial UTF-8 sequence, a possible stop string), but the
+            # stream should start when generation does.
             return
         with self.lock:
             if text:
@@ -635,7 +638,7 @@ class MlxEngine:
             text, completion_tokens, finish, error = job.take()
             if error is not None:
                 raise error
-            if text or finish is not None:
+            if text or finish is not None or completion_tokens:
                 yield TokenBatch(text, prompt_tokens, completion_tokens, finish)
             if finish is not None:
                 return
