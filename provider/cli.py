@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from provider import __version__
+from provider import __version__, demo, logs, service_cli
 from provider.config import Config, ConfigError, ensure_provider_id, load_config
+from provider.power import SleepAssertion, watch_for_wake
+from provider.status_server import StatusServer
+from provider.testing import model as test_model
 
 log = logging.getLogger("mlx_provider.cli")
 
@@ -57,9 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mlx-provider {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(sub)
-    for module in ("provider.service_cli", "provider.testing.model", "provider.demo"):
-        with contextlib.suppress(ImportError):
-            __import__(module, fromlist=["register"]).register(sub)
+    for module in (service_cli, test_model, demo):
+        module.register(sub)
     return parser
 
 
@@ -82,14 +84,7 @@ def serve_config(args: argparse.Namespace) -> tuple[Config, Any]:
 
 def setup_logging(config: Config) -> None:
     secrets = [config.provider_token] if config.provider_token else []
-    try:
-        from provider.logs import setup_logging as setup
-    except ImportError:  # pragma: no cover - logs module always ships
-        logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr)
-        return
-    from pathlib import Path
-
-    setup(
+    logs.setup_logging(
         level=config.log_level,
         log_file=Path(config.log_file).expanduser() if config.log_file else None,
         json=config.log_json,
@@ -126,12 +121,8 @@ async def serve(config: Config, config_path: Any = None, *, engine: Any = None) 
     from provider.agent import Agent
 
     hooks = None
-    with contextlib.suppress(ImportError):
-        from provider.power import SleepAssertion
-
-        hooks = SleepAssertion(always=config.keep_awake == "always") if (
-            config.keep_awake != "never"
-        ) else None
+    if config.keep_awake != "never":
+        hooks = SleepAssertion(always=config.keep_awake == "always")
     agent = Agent(config, engine or make_engine(config), config_path=config_path, hooks=hooks)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -154,8 +145,6 @@ async def serve(config: Config, config_path: Any = None, *, engine: Any = None) 
     status_server = None
     try:
         if config.status_port:
-            from provider.status_server import StatusServer
-
             status_server = StatusServer(
                 agent.status, agent.is_healthy, host=config.status_host, port=config.status_port
             )
@@ -164,10 +153,7 @@ async def serve(config: Config, config_path: Any = None, *, engine: Any = None) 
             except OSError as exc:
                 log.warning("status endpoint not started: %s", exc)
                 status_server = None
-        with contextlib.suppress(ImportError):
-            from provider.power import watch_for_wake
-
-            companions.append(asyncio.create_task(watch_for_wake(agent.wake_detected)))
+        companions.append(asyncio.create_task(watch_for_wake(agent.wake_detected)))
         return await agent.run()
     except asyncio.CancelledError:
         return EXIT_INTERRUPTED

@@ -308,7 +308,7 @@ class Session:
                     )
                 )
 
-    def _refusal(self, request_id: str) -> Outcome | None:
+    def _refusal(self) -> Outcome | None:
         agent = self.agent
         if agent.state.draining:
             return Outcome(
@@ -339,7 +339,7 @@ class Session:
             )
             return
         job = Job(request_id=msg.request_id, stream=msg.stream)
-        outcome = self._refusal(msg.request_id)
+        outcome = self._refusal()
         request: ChatCompletionRequest | None = None
         if outcome is None:
             try:
