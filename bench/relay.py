@@ -234,7 +234,6 @@ async def bench_engine(model: Path, prompts: Prompts, args: argparse.Namespace) 
         model,
         max_concurrency=CONCURRENCY,
         ignore_eos=True,
-        prefill_batch_size=args.prefill_batch_size,
     )
     await batched.load()
     try:
@@ -539,9 +538,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=["tiny", "small"], default="tiny")
     parser.add_argument("--quantize", action="store_true", help="4-bit test model")
     parser.add_argument("--repeats", type=int, default=3, help="timed single-request runs")
-    parser.add_argument(
-        "--prefill-batch-size", type=int, default=1, help="for the batched engine (default 1)"
-    )
     parser.add_argument(
         "--sections",
         default=",".join(SECTIONS),

@@ -92,6 +92,7 @@ def end_frame(job: Job, outcome: Outcome) -> InferenceResponseEnd:
 
 
 SendChunk = Callable[[InferenceResponseChunk], Awaitable[None]]
+PostChunk = Callable[[InferenceResponseChunk], None]
 
 
 async def relay(
@@ -102,11 +103,17 @@ async def relay(
     *,
     model_id: str,
     chunk_interval: float = 0.02,
+    post: PostChunk | None = None,
 ) -> Outcome:
     """Run ``request`` on ``engine`` and send its output as chunk frames.
 
     Returns the outcome for the end frame; the caller sends that frame.
     Raises whatever ``send`` raises (a lost connection) and CancelledError.
+
+    ``post`` (default: await ``send``) queues the last chunk without waiting,
+    so the caller's end frame and slot update leave in the same burst: a
+    buyer who reads ``[DONE]`` and asks again at once must not find the
+    coordinator still counting this request against the slot.
     """
     fmt = CompletionFormatter(job.request_id, model_id, include_usage=request.include_usage())
     stream = engine.generate(request, job.cancel)
@@ -115,10 +122,13 @@ async def relay(
     last_flush = 0.0
     final: TokenBatch | None = None
 
-    async def emit(data: str) -> None:
+    async def emit(data: str, *, last: bool = False) -> None:
         chunk = InferenceResponseChunk(request_id=job.request_id, seq=job.chunks_sent, data=data)
         job.chunks_sent += 1
-        await send(chunk)
+        if last and post is not None:
+            post(chunk)
+        else:
+            await send(chunk)
 
     async def flush() -> None:
         nonlocal pending, last_flush
@@ -178,10 +188,11 @@ async def relay(
         return Outcome("cancelled", job.cancel_reason)
     usage = job.usage()
     if job.stream:
-        await emit(fmt.stream_end(pending, final.finish_reason, usage, first=job.chunks_sent == 0))
+        data = fmt.stream_end(pending, final.finish_reason, usage, first=job.chunks_sent == 0)
     else:
         text_parts.append(pending)
-        await emit(fmt.completion("".join(text_parts), final.finish_reason, usage))
+        data = fmt.completion("".join(text_parts), final.finish_reason, usage)
+    await emit(data, last=True)
     return Outcome("complete")
 
 

@@ -368,6 +368,7 @@ class Session:
                 self.sender.send,
                 model_id=self.agent.model_id,
                 chunk_interval=self.config.chunk_interval_ms / 1000.0,
+                post=self.sender.post,
             )
         except ConnectionLost:
             job.request_cancel("disconnect")

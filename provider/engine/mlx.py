@@ -16,12 +16,16 @@ Scheduling:
 - ``max_concurrency == 1``: requests run one at a time in arrival order through
   :func:`mlx_lm.generate.generate_step` (the ``stream_generate`` path).
 - ``max_concurrency > 1``: one :class:`mlx_lm.generate.BatchGenerator`
-  (continuous batching). Every scheduler turn runs one decode step for the
-  running requests plus one prefill chunk of the oldest waiting prompt, so
-  decoding goes on while a prompt is prefilled. Prompts are admitted in
-  arrival order (``prefill_batch_size`` at a time, default 1), each once every
-  running request has its first token, so an earlier buyer's first token is
-  never held back behind a later buyer's prefill.
+  (continuous batching) decodes every running request together. Every
+  scheduler turn runs one decode step, hands its tokens over, then runs one
+  prefill chunk of the oldest waiting prompt, so decoding goes on while a
+  prompt is prefilled. Prompts are prefilled one at a time in arrival order,
+  each into its own KV cache, the way :func:`mlx_lm.generate.generate_step`
+  does it; the last chunk also samples the first token, which goes out at
+  once, and the request then joins the generator with that cache
+  (``BatchGenerator.insert(..., caches=...)``). So a buyer's first token
+  never waits behind a later buyer's prefill, and the next prompt's prefill
+  waits for no more than one decode step.
 
 Cancellation is checked before every decode step and, during prefill, after
 every chunk of ``prefill_step_size`` tokens. :attr:`MlxEngine.last_stats` keeps
@@ -266,6 +270,15 @@ class _Job:
             return text, self.out_tokens, self.out_finish, self.out_error
 
 
+class _Prefill:
+    """A prompt being prefilled: its job, its own KV cache, and how far it got."""
+
+    def __init__(self, job: _Job, cache: list[Any]) -> None:
+        self.job = job
+        self.cache = cache
+        self.done = 0  # prompt tokens already in the cache
+
+
 def _partial_stop_len(text: str, stops: list[str]) -> int:
     """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
     if not text:
@@ -302,9 +315,7 @@ class MlxEngine:
     Prefill:
         prefill_step_size: prompt tokens per prefill chunk (default 512); also
             the granularity at which a cancel interrupts a prefill.
-        prefill_batch_size: prompts prefilled together when batching (default
-            1: one after the other in arrival order, which gives the lowest
-            mean time to first token when prefill is compute-bound).
+
     Hand-off:
         handoff_interval: seconds between wake-ups of the event loop while a
             request decodes (default 0.02, the session's chunk interval). The
@@ -332,7 +343,6 @@ class MlxEngine:
         max_context_tokens: int | None = None,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
-        prefill_batch_size: int = 1,
         handoff_interval: float = 0.02,
         warmup_tokens: int = DEFAULT_WARMUP_TOKENS,
         ignore_eos: bool | None = None,
@@ -340,10 +350,8 @@ class MlxEngine:
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
-        if min(default_max_tokens, prefill_step_size, prefill_batch_size) < 1:
-            raise ValueError(
-                "default_max_tokens, prefill_step_size and prefill_batch_size must be >= 1"
-            )
+        if min(default_max_tokens, prefill_step_size) < 1:
+            raise ValueError("default_max_tokens and prefill_step_size must be >= 1")
         if max_context_tokens is not None and max_context_tokens < 2:
             raise ValueError("max_context_tokens must be >= 2")
         self.model = str(model)
@@ -352,7 +360,6 @@ class MlxEngine:
         self.configured_context_tokens = max_context_tokens
         self.default_max_tokens = default_max_tokens
         self.prefill_step_size = prefill_step_size
-        self.prefill_batch_size = prefill_batch_size
         self.handoff_interval = handoff_interval
         self.warmup_tokens = max(2, warmup_tokens)
         if ignore_eos is None:
@@ -892,13 +899,15 @@ class MlxEngine:
 
     def _serve_batched(self) -> None:
         from mlx_lm.generate import BatchGenerator, StopSequences
+        from mlx_lm.models.cache import make_prompt_cache
 
         def make_generator() -> BatchGenerator:
             return BatchGenerator(
                 self._model,
                 max_tokens=self.default_max_tokens,
                 completion_batch_size=self.max_concurrency,
-                prefill_batch_size=self.prefill_batch_size,
+                # Prompts arrive already prefilled, one at a time.
+                prefill_batch_size=1,
                 prefill_step_size=self.prefill_step_size,
                 stream=self._stream,
             )
@@ -906,18 +915,21 @@ class MlxEngine:
         # EOS is matched by the job itself, so its token is never emitted.
         eos_stop = StopSequences([(t,) for t in sorted(self._tokenizer.eos_token_ids)])
         generator = make_generator()
-        pending: deque[_Job] = deque()  # arrived, not yet handed to the generator
-        running: dict[int, _Job] = {}
+        pending: deque[_Job] = deque()  # arrived, prefill not started
+        filling: _Prefill | None = None  # the prompt being prefilled
+        running: dict[int, _Job] = {}  # decoding in the generator, by uid
         try:
             while True:
                 # Block only when idle; otherwise pick up arrivals between steps.
-                for item in self._take_commands(block=not running and not pending):
+                idle = not running and not pending and filling is None
+                for item in self._take_commands(block=idle):
                     if item is None:
                         self._stopping.set()
                     else:
                         pending.append(item)
                 if self._stopping.is_set():
-                    for job in [*pending, *running.values()]:
+                    waiting = [filling.job] if filling is not None else []
+                    for job in [*waiting, *pending, *running.values()]:
                         job.finish("cancelled")
                         self._finished(job)
                     return
@@ -926,6 +938,10 @@ class MlxEngine:
                     pending.remove(job)
                     job.finish("cancelled")
                     self._finished(job)
+                if filling is not None and filling.job.cancel.is_set():
+                    filling.job.finish("cancelled")
+                    self._finished(filling.job)
+                    filling = None
                 cancelled = [uid for uid, job in running.items() if job.cancel.is_set()]
                 if cancelled:
                     generator.remove(cancelled)
@@ -934,74 +950,119 @@ class MlxEngine:
                         job.finish("cancelled")
                         self._finished(job)
 
-                # A step returns its decode tokens only after that step's prefill
-                # chunk, so a prompt waits until every running request has its
-                # first token: otherwise a newcomer's prefill would hold back
-                # the previous request's first token. Admission is in arrival order.
-                if pending and all(job.stats.decode_steps for job in running.values()):
-                    for _ in range(min(self.prefill_batch_size, len(pending))):
-                        job = pending.popleft()
+                # One decode step for every running request; its tokens go out
+                # before the next prefill chunk runs.
+                if running:
+                    try:
+                        _, responses = generator.next()
+                    except Exception as exc:
+                        log.exception("batched generation step failed")
+                        error = EngineError("error_internal", f"generation failed: {exc}")
+                        for job in running.values():
+                            job.fail(error)
+                            self._finished(job)
+                        running.clear()
+                        generator.close()
+                        generator = make_generator()
+                        continue
+                    finished = []
+                    for r in responses:
+                        job = running.get(r.uid)
+                        if job is None:
+                            continue
+                        done = self._guarded(job, job.on_token, int(r.token))
+                        if not done and r.finish_reason is None:
+                            done = self._guarded(job, self._step_done, job, "decode")
+                        if done or r.finish_reason is not None:
+                            finished.append(r.uid)
+                    if finished:
+                        # The generator already dropped those it finished itself.
+                        generator.remove(finished)
+                    for uid in finished:
+                        job = running.pop(uid)
+                        if not job.done:  # the generator stopped before the job did
+                            job.finish("length")
+                        self._finished(job)
+
+                # Then one chunk of the oldest prompt. Prompts are prefilled one
+                # at a time in arrival order, so the first buyer is not held
+                # behind the others.
+                if filling is None and pending:
+                    job = pending.popleft()
+                    try:
+                        self._start(job)
+                        filling = _Prefill(job, make_prompt_cache(self._model))
+                    except Exception as exc:
+                        log.exception("%s: could not start", job.request_id)
+                        job.fail(EngineError("error_internal", f"generation failed: {exc}"))
+                        self._finished(job)
+                if filling is None:
+                    continue
+                job = filling.job
+                token = None
+                try:
+                    token = self._prefill_chunk(filling)
+                except Exception as exc:
+                    log.exception("%s: prefill failed", job.request_id)
+                    job.fail(EngineError("error_internal", f"generation failed: {exc}"))
+                if token is None and not job.done:
+                    continue  # more chunks to go
+                if not job.done:
+                    assert token is not None
+                    done = self._guarded(job, job.on_token, token)
+                    if not done:
+                        done = self._guarded(job, self._step_done, job, "decode")
+                    if not done:
+                        # The generator carries on from the first token, over
+                        # the cache the prefill filled.
                         try:
-                            self._start(job)
                             (uid,) = generator.insert(
-                                [job.prompt],
+                                [[token]],
                                 max_tokens=[job.max_tokens],
+                                caches=[filling.cache],
+                                all_tokens=[job.prompt],
                                 samplers=[job.sampler],
                                 stop_sequences=[eos_stop],
                             )
                         except Exception as exc:
-                            log.exception("%s: could not start", job.request_id)
+                            log.exception("%s: could not start decoding", job.request_id)
                             job.fail(EngineError("error_internal", f"generation failed: {exc}"))
-                            self._finished(job)
-                            continue
-                        running[uid] = job
-                if not running:
-                    continue
-
-                try:
-                    prompt_responses, responses = generator.next()
-                except Exception as exc:
-                    log.exception("batched generation step failed")
-                    error = EngineError("error_internal", f"generation failed: {exc}")
-                    for job in running.values():
-                        job.fail(error)
-                        self._finished(job)
-                    running.clear()
-                    generator.close()
-                    generator = make_generator()
-                    continue
-
-                for r in prompt_responses:
-                    job = running.get(r.uid)
-                    if job is not None and not r.end_of_prompt:
-                        job.stats.prefill_chunks += 1
-                        self._guarded(job, self._step_done, job, "prefill")
-                finished = []
-                for r in responses:
-                    job = running.get(r.uid)
-                    if job is None:
-                        continue
-                    done = self._guarded(job, job.on_token, int(r.token))
-                    if not done and r.finish_reason is None:
-                        done = self._guarded(job, self._step_done, job, "decode")
-                    if done or r.finish_reason is not None:
-                        finished.append(r.uid)
-                if finished:
-                    # The generator already dropped those it finished itself.
-                    generator.remove(finished)
-                for uid in finished:
-                    job = running.pop(uid)
-                    if not job.done:  # the generator stopped before the job did
-                        job.finish("length")
+                        else:
+                            running[uid] = job
+                filling = None
+                if job.done:
                     self._finished(job)
-                # A job that failed in the prefill hook is dropped here.
-                failed = [uid for uid, job in running.items() if job.done]
-                if failed:
-                    generator.remove(failed)
-                    for uid in failed:
-                        self._finished(running.pop(uid))
         finally:
             generator.close()
+
+    def _prefill_chunk(self, fill: _Prefill) -> int | None:
+        """Run the next chunk of ``fill``'s prompt; once it is all in, its first token.
+
+        As in :func:`mlx_lm.generate.generate_step`: every prompt token but the
+        last goes through the model in chunks of ``prefill_step_size``, then the
+        last one gives the logits of the first completion token. That last step
+        follows the last chunk in the same call, so no decode step of other
+        requests comes between the prefill and the first token.
+        """
+        import mlx.core as mx
+
+        job = fill.job
+        prompt = job.prompt
+        rest = len(prompt) - 1 - fill.done
+        if rest > 0:
+            n = min(self.prefill_step_size, rest)
+            self._model(mx.array(prompt[fill.done : fill.done + n])[None], cache=fill.cache)
+            mx.eval([c.state for c in fill.cache])
+            mx.clear_cache()
+            fill.done += n
+            job.stats.prefill_chunks += 1
+            self._step_done(job, "prefill")
+            if n < rest or job.cancel.is_set():
+                return None  # the next turn runs the next chunk, or ends a cancelled job
+        logits = self._model(mx.array(prompt[-1:])[None], cache=fill.cache)[:, -1, :]
+        assert job.sampler is not None
+        token = job.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        return int(token.item())
 
     def _take_commands(self, *, block: bool) -> list[_Job | None]:
         """Everything queued now; with ``block``, wait for at least one item."""

@@ -61,6 +61,16 @@ async def test_batching_interleaves_and_prefills_in_arrival_order(
     # Each request has its first token before the next one's prefill starts.
     firsts = [e for i, e in enumerate(events) if e not in events[:i]]
     assert firsts == [(i, kind) for i in ids for kind in ("prefill", "decode")]
+    # The first token comes out of the prefill itself, with no batch step in
+    # between; the next prompt's prefill waits for at most one decode step of
+    # each running request (its tokens go out before that prefill runs).
+    for n, rid in enumerate(ids):
+        prefill = events.index((rid, "prefill"))
+        assert events[prefill + 1] == (rid, "decode")
+        if n + 1 < len(ids):
+            between = events[prefill + 2 : events.index((ids[n + 1], "prefill"))]
+            assert all(kind == "decode" for _, kind in between)
+            assert len(between) == len(set(between)) <= n
     stats = [batch_engine.last_stats[i] for i in ids]
     first_tokens = [s.first_token_at for s in stats]
     assert all(t is not None for t in first_tokens)

@@ -1,0 +1,59 @@
+"""provider.jobs.relay: how a request's output becomes chunk frames."""
+
+from __future__ import annotations
+
+import pytest
+
+from provider.jobs import Job, relay
+from provider.protocol import ChatCompletionRequest, ChatMessage, InferenceResponseChunk
+
+from .scripted_engine import ScriptedEngine
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+async def test_last_chunk_is_queued_so_the_end_frame_follows_in_the_same_burst(
+    stream: bool,
+) -> None:
+    # A buyer who reads [DONE] and asks again at once must find the slot free:
+    # the last chunk is handed to the writer without waiting, so the end frame
+    # and the slot's state_update the caller queues next leave right behind it.
+    engine = ScriptedEngine(tokens=12)
+    await engine.load()
+    sent: list[InferenceResponseChunk] = []
+    posted: list[InferenceResponseChunk] = []
+
+    async def send(chunk: InferenceResponseChunk) -> None:
+        sent.append(chunk)
+
+    job = Job(request_id="r1", stream=stream)
+    request = ChatCompletionRequest(messages=[ChatMessage(role="user", content="hi")])
+    outcome = await relay(
+        job, request, engine, send, model_id="m", chunk_interval=0.0, post=posted.append
+    )
+    assert outcome.status == "complete"
+    assert len(posted) == 1
+    last = posted[0]
+    assert last.seq == job.chunks_sent - 1
+    assert [c.seq for c in sent] == list(range(len(sent)))
+    if stream:
+        assert len(sent) >= 1  # the first token went out at once, awaited
+        assert last.data.endswith("data: [DONE]\n\n")
+        assert all("[DONE]" not in c.data for c in sent)
+    else:
+        assert sent == []
+        assert '"finish_reason":"length"' in last.data
+
+
+async def test_without_post_every_chunk_is_awaited() -> None:
+    engine = ScriptedEngine(tokens=5)
+    await engine.load()
+    sent: list[InferenceResponseChunk] = []
+
+    async def send(chunk: InferenceResponseChunk) -> None:
+        sent.append(chunk)
+
+    job = Job(request_id="r2", stream=True)
+    request = ChatCompletionRequest(messages=[ChatMessage(role="user", content="hi")])
+    await relay(job, request, engine, send, model_id="m", chunk_interval=0.0)
+    assert sent[-1].data.endswith("data: [DONE]\n\n")
+    assert len(sent) == job.chunks_sent
