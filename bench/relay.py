@@ -13,6 +13,11 @@ greedily with EOS suppressed. Sections, each one function returning a dict:
 - ``end_to_end``: coordinator stub + ``mlx-provider serve`` + an HTTP buyer on
   the stub's OpenAI API, single and 4 concurrent (skipped when the stub or the
   provider session are not installed).
+- ``paired``: raw, end to end and 4 concurrent end to end back to back in
+  each of ``--repeats`` rounds, ratios taken within a round (this host's speed
+  drifts; these are the figures to compare against the targets).
+
+``bench/relay_ab.py`` compares two provider configurations the same way.
 
 Metrics: ``ttft_ms`` (request sent -> first token received), ``decode_tps``
 (tokens after the first / time after the first), and for 4 concurrent
@@ -475,11 +480,17 @@ async def bench_paired(model: Path, prompts: Prompts, args: argparse.Namespace) 
 
 
 @contextlib.asynccontextmanager
-async def serving(model: Path, *, max_concurrency: int) -> AsyncIterator[str]:
-    """Coordinator stub + ``mlx-provider serve`` processes; yields the stub's HTTP URL."""
+async def serving(
+    model: Path, *, max_concurrency: int, env: dict[str, str] | None = None
+) -> AsyncIterator[str]:
+    """Coordinator stub + ``mlx-provider serve`` processes; yields the stub's HTTP URL.
+
+    ``env`` adds to the environment of both processes (e.g. ``MLX_PROVIDER_*``
+    settings).
+    """
     import aiohttp
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MLX_ENGINE_IGNORE_EOS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MLX_ENGINE_IGNORE_EOS="1", **(env or {}))
     workdir = Path(tempfile.mkdtemp(prefix="relay-e2e-"))
     log(f"end to end, max_concurrency={max_concurrency} (logs in {workdir})")
     stub = await asyncio.create_subprocess_exec(
