@@ -56,9 +56,7 @@ async def run(model: Path, requests: int, max_tokens: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="model directory (default: build a test model)")
-    parser.add_argument("--size", choices=["tiny", "small"], default="tiny")
-    parser.add_argument("--quantize", action="store_true", help="4-bit test model")
+    relay.add_model_args(parser)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=8)
     args = parser.parse_args(argv)

@@ -71,6 +71,13 @@ def log(text: str) -> None:
 # Model and prompts
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--size`` and ``--quantize``: what :func:`model_dir` reads."""
+    parser.add_argument("--model", help="model directory (default: build a test model)")
+    parser.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    parser.add_argument("--quantize", action="store_true", help="4-bit test model")
+
+
 @contextlib.contextmanager
 def model_dir(args: argparse.Namespace) -> Iterator[Path]:
     """The model to measure: ``--model``, or a freshly built test model."""
@@ -545,9 +552,7 @@ SECTIONS = ("raw", "engine", "mlx_lm_server", "end_to_end", "paired")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="model directory (default: build a test model)")
-    parser.add_argument("--size", choices=["tiny", "small"], default="tiny")
-    parser.add_argument("--quantize", action="store_true", help="4-bit test model")
+    add_model_args(parser)
     parser.add_argument("--repeats", type=int, default=3, help="timed single-request runs")
     parser.add_argument(
         "--sections",

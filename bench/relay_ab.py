@@ -107,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="model directory (default: build a test model)")
-    parser.add_argument("--size", choices=["tiny", "small"], default="tiny")
-    parser.add_argument("--quantize", action="store_true", help="4-bit test model")
+    relay.add_model_args(parser)
     parser.add_argument("--launches", type=int, default=4, help="fresh process pairs")
     parser.add_argument("--rounds", type=int, default=20, help="rounds per launch")
     parser.add_argument("--a", action="append", default=[], metavar="KEY=VALUE")
