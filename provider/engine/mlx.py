@@ -7,9 +7,11 @@ asyncio loop only tokenizes (in a one-thread executor), submits jobs through a
 queue and reads results; it never runs model code and never waits on it.
 
 Results cross back batched: the generation thread appends text to the job's
-buffer and calls ``loop.call_soon_threadsafe`` only when no wake-up is already
-pending for that job, so a fast decode costs one thread hop per loop turn, not
-one per token. Each wake-up becomes one :class:`TokenBatch`.
+buffer and wakes the loop (``loop.call_soon_threadsafe``) at once for the
+first token and the finish, otherwise at most every ``handoff_interval``
+(20 ms) and never while a wake-up is still pending, so a fast decode costs a
+thread hop per interval, not per token. Each wake-up becomes one
+:class:`TokenBatch`.
 
 Scheduling:
 
