@@ -39,6 +39,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _timer(
+    group: argparse._ArgumentGroup, flag: str, off_flag: str, *, dest: str, help: str, off_help: str
+) -> None:
+    """A timer option taking seconds (> 0) and its ``--no-...`` twin that turns it off."""
+    group.add_argument(
+        flag, dest=dest, type=_positive_seconds, default=_DEFAULTS[dest], metavar="S", help=help
+    )
+    group.add_argument(off_flag, dest=dest, action="store_const", const=None, help=off_help)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     # Defaults only for options taking a value: "--no-x (default: None)" would
     # describe the dest, not the flag.
@@ -134,54 +144,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="pause between failed warm-ups",
     )
-    g.add_argument(
+    _timer(
+        g,
         "--wake-gap",
-        dest="wake_gap_s",
-        type=_positive_seconds,
-        default=d["wake_gap_s"],
-        metavar="S",
-        help="send warm_up when heartbeats resume after a gap longer than S",
-    )
-    g.add_argument(
         "--no-wake-gap",
         dest="wake_gap_s",
-        action="store_const",
-        const=None,
-        help="never send warm_up on a heartbeat gap",
+        help="send warm_up when heartbeats resume after a gap longer than S",
+        off_help="never send warm_up on a heartbeat gap",
     )
 
     g = parser.add_argument_group("hostile timers (the real coordinator's)")
-    g.add_argument(
+    _timer(
+        g,
         "--write-deadline",
-        dest="write_deadline_s",
-        type=_positive_seconds,
-        default=d["write_deadline_s"],
-        metavar="S",
-        help="a text frame written by the stub arms a deadline of now+S, never cleared; "
-        "a client PING after it drops the session (cause write_deadline_pong)",
-    )
-    g.add_argument(
         "--no-write-deadline",
         dest="write_deadline_s",
-        action="store_const",
-        const=None,
-        help="answer client PINGs normally whatever the write idleness",
+        help="a text frame written by the stub arms a deadline of now+S, never cleared; "
+        "a client PING after it drops the session (cause write_deadline_pong)",
+        off_help="answer client PINGs normally whatever the write idleness",
     )
-    g.add_argument(
+    _timer(
+        g,
         "--inactivity",
-        dest="inactivity_s",
-        type=_positive_seconds,
-        default=d["inactivity_s"],
-        metavar="S",
-        help="drop a provider with no well-formed text frame for S (cause inactivity); "
-        "binary and control frames do not count",
-    )
-    g.add_argument(
         "--no-inactivity",
         dest="inactivity_s",
-        action="store_const",
-        const=None,
-        help="never drop for inactivity",
+        help="drop a provider with no well-formed text frame for S (cause inactivity); "
+        "binary and control frames do not count",
+        off_help="never drop for inactivity",
     )
     g.add_argument(
         "--grace",
@@ -191,21 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="after a drop keep the provider unavailable for S, then remove it",
     )
-    g.add_argument(
+    _timer(
+        g,
         "--probe-timeout",
-        dest="probe_timeout_s",
-        type=_positive_seconds,
-        default=d["probe_timeout_s"],
-        metavar="S",
-        help="bound on writing each routed inference_request; exceeding it drops the "
-        "session (cause probe_failed)",
-    )
-    g.add_argument(
         "--no-probe",
         dest="probe_timeout_s",
-        action="store_const",
-        const=None,
-        help="do not bound inference_request writes",
+        help="bound on writing each routed inference_request; exceeding it drops the "
+        "session (cause probe_failed)",
+        off_help="do not bound inference_request writes",
     )
 
     g = parser.add_argument_group("limits and sockets")
@@ -249,21 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = parser.add_argument_group("buyer API")
-    g.add_argument(
+    _timer(
+        g,
         "--keepalive",
-        dest="keepalive_s",
-        type=_positive_seconds,
-        default=d["keepalive_s"],
-        metavar="S",
-        help="': keepalive' SSE comment every S on streaming responses (never on "
-        "non-streaming ones); the first one commits 200",
-    )
-    g.add_argument(
         "--no-keepalive",
         dest="keepalive_s",
-        action="store_const",
-        const=None,
-        help="no keepalive comments",
+        help="': keepalive' SSE comment every S on streaming responses (never on "
+        "non-streaming ones); the first one commits 200",
+        off_help="no keepalive comments",
     )
     g.add_argument(
         "--request-timeout",
