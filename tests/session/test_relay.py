@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import AsyncIterator
+
 import pytest
 
+from provider.engine import TokenBatch
 from provider.jobs import Job, relay
 from provider.protocol import ChatCompletionRequest, ChatMessage, InferenceResponseChunk
 
@@ -57,3 +61,46 @@ async def test_without_post_every_chunk_is_awaited() -> None:
     await relay(job, request, engine, send, model_id="m", chunk_interval=0.0)
     assert sent[-1].data.endswith("data: [DONE]\n\n")
     assert len(sent) == job.chunks_sent
+
+
+class TimedEngine:
+    """Hands over ``(time, text)`` batches, setting the relay's clock to each time."""
+
+    def __init__(self, script: list[tuple[float, str]]) -> None:
+        self.script = script
+        self.now = 0.0
+
+    def generate(
+        self, request: ChatCompletionRequest, cancel: threading.Event
+    ) -> AsyncIterator[TokenBatch]:
+        async def batches() -> AsyncIterator[TokenBatch]:
+            for count, (at, text) in enumerate(self.script, 1):
+                self.now = at
+                yield TokenBatch(text, 3, count)
+            yield TokenBatch("", 3, len(self.script), "length")
+
+        return batches()
+
+
+async def test_text_handed_over_on_time_goes_out_without_a_second_wake_up() -> None:
+    # The engine times its hand-offs on the generation thread, which runs a
+    # wake-up ahead of the loop: a batch it hands over on time reaches the relay
+    # a little under chunk_interval after the previous flush. It goes out at
+    # once; text that comes much sooner is still held for the interval.
+    engine = TimedEngine([(0.0, "first"), (0.016, "second"), (0.020, "third")])
+    sent: list[tuple[float, str]] = []
+
+    async def send(chunk: InferenceResponseChunk) -> None:
+        sent.append((engine.now, chunk.data))
+
+    job = Job(request_id="r3", stream=True)
+    request = ChatCompletionRequest(messages=[ChatMessage(role="user", content="hi")])
+    outcome = await relay(
+        job, request, engine, send, model_id="m", chunk_interval=0.02, clock=lambda: engine.now
+    )  # type: ignore[arg-type]
+    assert outcome.status == "complete"
+    assert [at for at, _ in sent] == [0.0, 0.016, 0.020]
+    first, second, last = (data for _, data in sent)
+    assert '"first"' in first and '"second"' not in first
+    assert '"second"' in second and '"third"' not in second
+    assert '"third"' in last and last.endswith("data: [DONE]\n\n")
