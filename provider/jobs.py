@@ -122,9 +122,10 @@ async def relay(
     buyer who reads ``[DONE]`` and asks again at once must not find the
     coordinator still counting this request against the slot.
 
-    Streaming text is flushed when a batch arrives at least ``chunk_interval``
-    (less :data:`FLUSH_SLACK`) after the previous flush; text that arrives
-    sooner waits, at most until ``chunk_interval`` has passed.
+    Streaming text goes out when its batch arrives at least ``chunk_interval``
+    after the previous flush, less :data:`FLUSH_SLACK` of it (so 15 ms of
+    20); text that arrives sooner waits, at most until ``chunk_interval`` has
+    passed. ``clock`` (default :func:`time.monotonic`) times the flushes.
     """
     fmt = CompletionFormatter(job.request_id, model_id, include_usage=request.include_usage())
     stream = engine.generate(request, job.cancel)
