@@ -16,6 +16,8 @@ greedily with EOS suppressed. Sections, each one function returning a dict:
 - ``paired``: raw, end to end and 4 concurrent end to end back to back in
   each of ``--repeats`` rounds, ratios taken within a round (this host's speed
   drifts; these are the figures to compare against the targets).
+- ``server_paired``: raw and ``mlx_lm server`` the same way: the reference
+  the targets quote, as a ratio within a round.
 
 ``bench/relay_ab.py`` compares two provider configurations the same way.
 
@@ -357,6 +359,51 @@ async def bench_mlx_lm_server(
     model: Path, prompts: Prompts, args: argparse.Namespace
 ) -> dict[str, Any]:
     """``mlx_lm server`` as a subprocess, streamed over loopback HTTP."""
+    async with mlx_lm_serving(model, prompts) as (url, body):
+        return await http_section(url, body, args)
+
+
+async def bench_server_paired(
+    model: Path, prompts: Prompts, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Raw and ``mlx_lm server`` in turn, ``--repeats`` rounds, ratios within a round.
+
+    The ``mlx_lm_server`` section's figures come minutes after ``raw``'s, so
+    their ratio carries the host's drift; this one is the ratio to compare
+    with ``paired``'s ``decode_ratio`` and with the targets' reference figures
+    for ``mlx_lm.server``.
+    """
+    import aiohttp
+
+    raw = raw_runner(model, prompts)
+    rounds = []
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with (
+        mlx_lm_serving(model, prompts) as (url, body),
+        aiohttp.ClientSession(timeout=timeout) as http,
+    ):
+        raw()
+        await stream_chat(http, url, body())
+        for _ in range(args.repeats):
+            r = raw()
+            s = await stream_chat(http, url, body())
+            rounds.append(
+                {
+                    "raw_decode_tps": r["decode_tps"],
+                    "server_decode_tps": s["decode_tps"],
+                    "decode_ratio": s["decode_tps"] / r["decode_tps"],
+                    "ttft_delta_ms": s["ttft_ms"] - r["ttft_ms"],
+                }
+            )
+    median = {k: round(statistics.median(x[k] for x in rounds), 3) for k in rounds[0]}
+    return {"rounds": len(rounds), "median": median}
+
+
+@contextlib.asynccontextmanager
+async def mlx_lm_serving(
+    model: Path, prompts: Prompts
+) -> AsyncIterator[tuple[str, Callable[[], dict[str, Any]]]]:
+    """``mlx_lm server`` on a free loopback port: yields its chat URL and a body maker."""
     port = free_port()
     log(f"mlx_lm server on port {port}")
     proc = await asyncio.create_subprocess_exec(
@@ -379,7 +426,7 @@ async def bench_mlx_lm_server(
 
     try:
         await wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
-        return await http_section(f"http://127.0.0.1:{port}/v1/chat/completions", body, args)
+        yield f"http://127.0.0.1:{port}/v1/chat/completions", body
     finally:
         await stop(proc)
 
@@ -547,7 +594,7 @@ async def serving(
         await stop(stub)
 
 
-SECTIONS = ("raw", "engine", "mlx_lm_server", "end_to_end", "paired")
+SECTIONS = ("raw", "engine", "mlx_lm_server", "end_to_end", "paired", "server_paired")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -585,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
             "mlx_lm_server": lambda: asyncio.run(bench_mlx_lm_server(model, prompts, args)),
             "end_to_end": lambda: asyncio.run(bench_end_to_end(model, prompts, args)),
             "paired": lambda: asyncio.run(bench_paired(model, prompts, args)),
+            "server_paired": lambda: asyncio.run(bench_server_paired(model, prompts, args)),
         }
         for name in wanted:
             if name in ("end_to_end", "paired") and (why := end_to_end_available()):
