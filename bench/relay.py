@@ -177,17 +177,25 @@ def bench_raw(model: Path, prompts: Prompts, args: argparse.Namespace) -> dict[s
     return summarize_single([run() for _ in range(args.repeats)])
 
 
-def raw_runner(model: Path, prompts: Prompts) -> Callable[[], dict[str, float]]:
-    """One raw ``stream_generate`` request per call (EOS suppressed, new prompt each time)."""
+def greedy_without_eos(model: Any, tokenizer: Any) -> Callable[[Any], Any]:
+    """A greedy sampler that never picks an EOS token, so every run has the same length."""
     import mlx.core as mx
-    from mlx_lm import load, stream_generate
 
-    loaded, tokenizer = load(str(model))
-    mask = mx.zeros((loaded.args.vocab_size,))
+    mask = mx.zeros((model.args.vocab_size,))
     mask[mx.array(sorted(tokenizer.eos_token_ids))] = -float("inf")
 
     def sampler(logprobs: Any) -> Any:
         return mx.argmax(logprobs + mask, axis=-1)
+
+    return sampler
+
+
+def raw_runner(model: Path, prompts: Prompts) -> Callable[[], dict[str, float]]:
+    """One raw ``stream_generate`` request per call (EOS suppressed, new prompt each time)."""
+    from mlx_lm import load, stream_generate
+
+    loaded, tokenizer = load(str(model))
+    sampler = greedy_without_eos(loaded, tokenizer)
 
     def run() -> dict[str, float]:
         ids = tokenizer.apply_chat_template(prompts.messages(), add_generation_prompt=True)

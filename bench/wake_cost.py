@@ -137,11 +137,7 @@ def measure(model_path: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     prompts = relay.Prompts(model_path)
     model, tokenizer = load(str(model_path))
-    mask = mx.zeros((model.args.vocab_size,))
-    mask[mx.array(sorted(tokenizer.eos_token_ids))] = -float("inf")
-
-    def sampler(logprobs: Any) -> Any:
-        return mx.argmax(logprobs + mask, axis=-1)
+    sampler = relay.greedy_without_eos(model, tokenizer)
 
     interval = args.interval_ms / 1000
 
