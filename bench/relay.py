@@ -216,7 +216,7 @@ def raw_runner(model: Path, prompts: Prompts) -> Callable[[], dict[str, float]]:
 async def bench_engine(model: Path, prompts: Prompts, args: argparse.Namespace) -> dict[str, Any]:
     """MlxEngine.generate from asyncio: single, then 4 concurrent with batching."""
     from provider.engine.mlx import MlxEngine
-    from provider.protocol import ChatCompletionRequest, ChatMessage
+    from provider.openai.request import ChatCompletionRequest, ChatMessage
 
     def request() -> ChatCompletionRequest:
         content = prompts.content()
@@ -290,7 +290,7 @@ async def stream_chat(http: Any, url: str, body: dict[str, Any]) -> dict[str, fl
     token exists, like raw's first yielded token even when its text is still
     held by the detokenizer); decode time runs to the last content delta.
     """
-    from provider.demo import sse_chunks
+    from provider.ops.demo import sse_chunks
 
     start = time.perf_counter()
     first = last = None
@@ -441,7 +441,7 @@ async def mlx_lm_serving(
 
 def end_to_end_available() -> str | None:
     """Why the end-to-end section cannot run, or None when it can."""
-    for module in ("coordinator_stub.cli", "provider.session", "provider.cli"):
+    for module in ("coordinator_stub.cli", "provider.coordinator.session", "provider.cli"):
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed"
     return None
@@ -580,7 +580,7 @@ async def serving(
 
         async def provider_ready() -> None:
             # The stub's event stream shows the provider ready after its warm-up.
-            from provider.demo import wait_ready
+            from provider.ops.demo import wait_ready
 
             async with aiohttp.ClientSession() as http:
                 await wait_ready(http, http_url, "relay-bench")

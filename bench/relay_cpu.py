@@ -9,8 +9,8 @@ step as graph building does, handing text over through the engine's real
 hand-off (``_Job.publish``, every ``--interval-ms``). The event loop relays
 it two ways to a WebSocket sink in another process:
 
-- ``relay``: what ``mlx-provider`` does, :func:`provider.jobs.relay` writing
-  through :class:`provider.sender.Sender`;
+- ``relay``: what ``mlx-provider`` does, :func:`provider.coordinator.jobs.relay` writing
+  through :class:`provider.coordinator.sender.Sender`;
 - ``bare``: one ``ws.send`` per hand-off, the least any relay can do.
 
 Prints ONE JSON line: loop-thread CPU per request and per frame, and event
@@ -35,16 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from websockets.asyncio.client import connect
 
+from provider.coordinator.jobs import Job, relay
+from provider.coordinator.messages import InferenceResponseChunk, encode_text
+from provider.coordinator.sender import Sender
 from provider.engine import TokenBatch
 from provider.engine.mlx import MlxEngine, RequestStats, _Job
-from provider.jobs import Job, relay
-from provider.protocol import (
-    ChatCompletionRequest,
-    ChatMessage,
-    InferenceResponseChunk,
-    encode_text,
-)
-from provider.sender import Sender
+from provider.openai.request import ChatCompletionRequest, ChatMessage
 
 TOKENS = 128
 #: Per token: GIL held (graph building), then released (MLX evaluating).

@@ -16,15 +16,17 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from provider.protocol import PreflightAck
+from provider.coordinator.messages import PreflightAck
 
+from .buyer_api import BuyerAPI
 from .config import WS_PATH, StubConfig
+from .endpoint import WebSocketSide
 from .events import EventBus
 from .faults import Faults, RefuseMode
-from .http import BuyerAPI
 from .observe import Changes, Direction, FrameLog, FrameRecord, RejectRecord
 from .pool import DropRecord, Pool, ProviderRecord, RemovalRecord
-from .ws import Flight, ProviderSession, WebSocketSide
+from .relay import Flight
+from .session import ProviderSession
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class CoordinatorStub:
         self.bus.add_listener(lambda _event: self.changes.notify())
         self.log = FrameLog(config.frame_log_size, self.changes)
         self.ws = WebSocketSide(config, self.pool, self.bus, self.faults, self.log, self.changes)
-        self.http = BuyerAPI(config, self.pool, self.ws, self.bus, self.status)
+        self.http = BuyerAPI(config, self.pool, self.ws, self.ws.relay, self.bus, self.status)
         self._started = False
 
     # ------------------------------------------------------------------
@@ -168,7 +170,7 @@ class CoordinatorStub:
     @property
     def in_flight(self) -> dict[str, Flight]:
         """Requests sent to providers and not finished, by request_id."""
-        return dict(self.ws.flights)
+        return dict(self.ws.relay.flights)
 
     def status(self) -> dict[str, Any]:
         """The ``/v1/status`` document."""
@@ -347,7 +349,7 @@ class CoordinatorStub:
 
     async def cancel(self, request_id: str, reason: str = "cancelled_by_test") -> bool:
         """Send ``cancel_request`` for a request in flight; whether one was sent."""
-        return self.ws.cancel(request_id, reason)
+        return self.ws.relay.cancel(request_id, reason)
 
     async def send_raw(self, provider_id: str, data: str | bytes) -> None:
         """Write any frame (TEXT for ``str``, BINARY for ``bytes``) to the provider."""

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from provider.protocol import MAX_FRAME_BYTES
+from provider.coordinator.messages import MAX_FRAME_BYTES
 
 #: Path of the provider WebSocket endpoint; every other path gets HTTP 404.
 WS_PATH = "/ws/provider"

@@ -31,7 +31,7 @@ class FrameRecord:
             ``"<invalid>"`` for text that is not even a JSON object with a
             ``type``.
         message: The decoded msgspec Struct, a
-            :class:`provider.protocol.Invalid` for a frame that failed to
+            :class:`provider.coordinator.messages.Invalid` for a frame that failed to
             decode, or ``None`` for binary frames and raw sends.
         raw: The frame as it travelled.
     """

@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from provider.protocol import (
+from provider.coordinator.messages import (
     DrainStatus,
     Heartbeat,
     Hello,

@@ -1,8 +1,8 @@
 """The provider agent: model, state and the connection, for the life of the process.
 
 :class:`Agent` loads the model while it connects (heartbeats say ``loading``
-meanwhile), keeps one :class:`~provider.session.Session` at a time and
-reconnects forever with the policy of :mod:`provider.reconnect`. The state
+meanwhile), keeps one :class:`~provider.coordinator.session.Session` at a time and
+reconnects forever with the policy of :mod:`provider.coordinator.reconnect`. The state
 machine, metrics window and counters live here, across connections; jobs
 live in the session they arrived on.
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import platform
 import socket
 import time
 import uuid
@@ -28,11 +26,8 @@ import tenacity
 
 from provider import __version__, telemetry
 from provider.config import Config, persist_keys
-from provider.engine import Engine
-from provider.jobs import Job, Outcome
-from provider.logs import add_secret
-from provider.metrics import MetricsWindow
-from provider.protocol import (
+from provider.coordinator.jobs import Job, Outcome
+from provider.coordinator.messages import (
     HardwareSummary,
     Heartbeat,
     Hello,
@@ -40,15 +35,19 @@ from provider.protocol import (
     MetricsSnapshot,
     StateUpdate,
 )
-from provider.reconnect import (
+from provider.coordinator.reconnect import (
     BackoffPolicy,
     ConnectionLost,
     FatalRefusal,
     is_retryable,
     wait_backoff,
 )
-from provider.session import Session
-from provider.state import StateMachine, Status
+from provider.coordinator.session import Session
+from provider.coordinator.state import StateMachine, Status
+from provider.coordinator.window import MetricsWindow
+from provider.engine import Engine
+from provider.host import hardware
+from provider.logs import add_secret
 
 log = logging.getLogger("mlx_provider.agent")
 
@@ -57,13 +56,6 @@ def model_id_from(model: str) -> str:
     """A local directory's name, or the repo id as given."""
     path = Path(model).expanduser()
     return path.name if path.exists() else model
-
-
-def total_ram_gb() -> int:
-    try:
-        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 class Agent:
@@ -93,10 +85,10 @@ class Agent:
         self.hooks = hooks
         self.service_instance_id = uuid.uuid4().hex
         self.hostname = socket.gethostname().encode()[:253].decode(errors="ignore")
-        self.ram_gb = total_ram_gb()
+        self.ram_gb = hardware.total_ram_gb()
         # Once: platform.processor() may run `uname -p`, not a heartbeat's job.
         self.hardware = HardwareSummary(
-            chip=platform.processor() or platform.machine(), cpu_cores_total=os.cpu_count()
+            chip=hardware.chip_name(), cpu_cores_total=hardware.cpu_cores()
         )
         self.policy = BackoffPolicy(
             config.backoff_initial_s, config.backoff_max_s, config.backoff_jitter
@@ -374,8 +366,6 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         """What ``GET /status`` shows; never the token."""
-        from provider.status_server import rss_bytes
-
         info = self.engine.info
         session = self.session
         connection = "disconnected"
@@ -401,7 +391,7 @@ class Agent:
                 "max_context_tokens": info.max_context_tokens if info else None,
                 "throughput_tps_estimate": info.throughput_tps_estimate if info else None,
             },
-            "memory": {"rss_bytes": rss_bytes()},
+            "memory": {"rss_bytes": hardware.rss_bytes()},
             "reconnects": len(self.reconnects),
             "last_disconnect": self.reconnects[-1] if self.reconnects else None,
             "uptime_s": round(time.time() - self.started_at, 3),

@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from provider import __version__, demo, logs, service_cli
+from provider import __version__, logs
 from provider.config import Config, ConfigError, ensure_provider_id, load_config
-from provider.power import SleepAssertion, watch_for_wake
-from provider.status_server import StatusServer
+from provider.host.power import SleepAssertion, watch_for_wake
+from provider.ops import demo, service_cli
+from provider.ops.status_server import StatusServer
 from provider.testing import model as test_model
 
 log = logging.getLogger("mlx_provider.cli")

@@ -57,7 +57,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     Timers: ``send_timeout_s`` bounds every send; ``backoff_*`` and
     ``stable_after_s`` (a session registered this long resets the backoff)
-    are documented on :mod:`provider.reconnect`.
+    are documented on :mod:`provider.coordinator.reconnect`.
 
     Local: ``status_host``/``status_port`` (0 disables the endpoint),
     ``log_level``, ``log_file``, ``log_json`` (``None``: JSON unless stderr

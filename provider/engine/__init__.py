@@ -27,9 +27,20 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
-from provider.protocol import ChatCompletionRequest, EndStatus, FinishReason
+from provider.openai.request import ChatCompletionRequest
+from provider.openai.response import FinishReason
+
+#: The ``inference_response_end`` statuses an engine may end a request with
+#: (besides ``complete`` and ``cancelled``, which come as a finish reason).
+EngineStatus = Literal[
+    "error_queue_full",
+    "error_context_exceeded",
+    "error_model_not_loaded",
+    "error_internal",
+    "provider_timeout",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +72,9 @@ class EngineError(Exception):
     message a buyer can act on.
     """
 
-    def __init__(self, status: EndStatus, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, status: EngineStatus, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
-        self.status: EndStatus = status
+        self.status: EngineStatus = status
         self.retryable = retryable
 
 

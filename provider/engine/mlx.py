@@ -1,33 +1,15 @@
 """The MLX inference engine: local mlx-lm generation behind the :class:`Engine` protocol.
 
 One dedicated thread (``mlx-generation``) owns every MLX call: it loads the
-model, runs the warm-up, and generates. It creates its own MLX stream on
-itself (streams from :func:`mx.new_stream` are bound to their thread). The
-asyncio loop only tokenizes (in a one-thread executor), submits jobs through a
-queue and reads results; it never runs model code and never waits on it.
+model (:mod:`.loading`), runs the warm-up, and generates. It creates its own
+MLX stream on itself (streams from :func:`mx.new_stream` are bound to their
+thread). The asyncio loop only tokenizes (in a one-thread executor), submits
+jobs through a queue and reads results; it never runs model code and never
+waits on it.
 
-Results cross back batched: the generation thread appends text to the job's
-buffer and wakes the loop (``loop.call_soon_threadsafe``) at once for the
-first token and the finish, otherwise at most every ``handoff_interval``
-(20 ms) and never while a wake-up is still pending, so a fast decode costs a
-thread hop per interval, not per token. Each wake-up becomes one
-:class:`TokenBatch`.
-
-Scheduling:
-
-- ``max_concurrency == 1``: requests run one at a time in arrival order through
-  :func:`mlx_lm.generate.generate_step` (the ``stream_generate`` path).
-- ``max_concurrency > 1``: one :class:`mlx_lm.generate.BatchGenerator`
-  (continuous batching) decodes every running request together. Every
-  scheduler turn runs one decode step, hands its tokens over, then runs one
-  prefill chunk of the oldest waiting prompt, so decoding goes on while a
-  prompt is prefilled. Prompts are prefilled one at a time in arrival order,
-  each into its own KV cache, the way :func:`mlx_lm.generate.generate_step`
-  does it; the last chunk also samples the first token, which goes out at
-  once, and the request then joins the generator with that cache
-  (``BatchGenerator.insert(..., caches=...)``). So a buyer's first token
-  never waits behind a later buyer's prefill, and the next prompt's prefill
-  waits for no more than one decode step.
+Each request is a :class:`~provider.engine.job.GenerationJob`; results cross
+back batched (see :mod:`.job`). Scheduling is :mod:`.sequential` for
+``max_concurrency == 1`` and :mod:`.batched` above it.
 
 Cancellation is checked before every decode step and, during prefill, after
 every chunk of ``prefill_step_size`` tokens. :attr:`MlxEngine.last_stats` keeps
@@ -40,260 +22,39 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
-import json
 import logging
 import os
 import queue
-import secrets
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from provider.engine import EngineError, ModelInfo, TokenBatch
-from provider.protocol import ChatCompletionRequest, ChatMessage, FinishReason
+from provider.engine.batched import serve_batched
+from provider.engine.job import GenerationJob, RequestStats, StepKind
+from provider.engine.loading import (
+    load_model,
+    make_eos_mask,
+    measure_throughput,
+    model_hash,
+)
+from provider.engine.runtime import Runtime
+from provider.engine.sequential import serve_sequential
+from provider.engine.text import encode_chat
+from provider.openai.request import ChatCompletionRequest, ChatMessage
 
 log = logging.getLogger("mlx_provider.engine")
 
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_PREFILL_STEP_SIZE = 512
 DEFAULT_WARMUP_TOKENS = 16
-#: Context size assumed when neither the model config nor the caller gives one.
-FALLBACK_CONTEXT_TOKENS = 4096
 #: Environment variable that turns ``ignore_eos`` on when the constructor leaves it None.
 IGNORE_EOS_ENV = "MLX_ENGINE_IGNORE_EOS"
 #: How many finished requests :attr:`MlxEngine.last_stats` remembers.
 STATS_KEPT = 256
-
-StepKind = Literal["prefill", "decode"]
-
-
-class _Cancelled(Exception):
-    """Raised from the prefill progress callback to abandon a prompt between chunks."""
-
-
-@dataclass(slots=True)
-class RequestStats:
-    """Counters of one request, updated live by the generation thread.
-
-    ``prefill_chunks`` counts prompt chunks processed before the first decode
-    step; ``decode_steps`` counts tokens sampled (EOS included);
-    ``completion_tokens`` counts tokens returned in usage (EOS excluded);
-    ``token_ids`` holds them when the engine records token ids. Times are
-    :func:`time.perf_counter` values.
-    """
-
-    request_id: str
-    prompt_tokens: int
-    max_tokens: int
-    prefill_chunks: int = 0
-    decode_steps: int = 0
-    completion_tokens: int = 0
-    finish_reason: FinishReason | None = None
-    error: str | None = None
-    token_ids: list[int] = field(default_factory=list)
-    submitted_at: float = 0.0
-    started_at: float | None = None
-    first_token_at: float | None = None
-    finished_at: float | None = None
-
-    @property
-    def ttft_s(self) -> float | None:
-        """Seconds from submission to the first sampled token."""
-        if self.first_token_at is None:
-            return None
-        return self.first_token_at - self.submitted_at
-
-    @property
-    def decode_tps(self) -> float | None:
-        """Tokens per second after the first one (None below two tokens)."""
-        if self.first_token_at is None or self.finished_at is None or self.decode_steps < 2:
-            return None
-        elapsed = self.finished_at - self.first_token_at
-        return (self.decode_steps - 1) / elapsed if elapsed > 0 else None
-
-
-class _Job:
-    """One request: thread-side generation state plus the hand-off buffer.
-
-    Everything above the hand-off fields is touched only by the generation
-    thread once the job is submitted; the hand-off fields are guarded by
-    ``lock``.
-    """
-
-    def __init__(
-        self,
-        *,
-        request_id: str,
-        prompt: list[int],
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        seed: int | None,
-        stop: list[str],
-        cancel: threading.Event,
-        loop: asyncio.AbstractEventLoop | None,
-        stats: RequestStats,
-        handoff_interval: float = 0.0,
-    ) -> None:
-        self.request_id = request_id
-        self.prompt = prompt
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.seed = seed
-        self.stop = stop
-        self.cancel = cancel
-        self.loop = loop
-        self.stats = stats
-        # Set by the generation thread when the job starts.
-        self.sampler: Callable[[Any], Any] | None = None
-        self.detokenizer: Any = None
-        self.eos: frozenset[int] = frozenset()
-        self.record_tokens = False
-        self.held = ""  # decoded text that may be the start of a stop string
-        self.done = False
-        # Hand-off to the event loop.
-        self.lock = threading.Lock()
-        self.event = asyncio.Event()
-        self.out: list[str] = []
-        self.out_tokens = 0
-        self.out_finish: FinishReason | None = None
-        self.out_error: EngineError | None = None
-        self.wake_pending = False
-        # Waking the loop costs a GIL hand-over per wake; at ~1,000 tok/s a wake
-        # per token slows decoding measurably. So text is handed over at most
-        # every handoff_interval; the first text and the finish go at once.
-        self.handoff_interval = handoff_interval
-        self.last_wake = 0.0
-
-    # -- generation thread -------------------------------------------------
-
-    def on_token(self, token: int) -> bool:
-        """Consume one sampled token; return True when the request is finished."""
-        stats = self.stats
-        stats.decode_steps += 1
-        if stats.first_token_at is None:
-            stats.first_token_at = time.perf_counter()
-        if token in self.eos:
-            self.detokenizer.finalize()
-            self._text(self.detokenizer.last_segment, final=True)
-            if not self.done:
-                self.finish("stop")
-            return True
-        stats.completion_tokens += 1
-        if self.record_tokens:
-            stats.token_ids.append(token)
-        self.detokenizer.add_token(token)
-        text = self.detokenizer.last_segment
-        final = stats.completion_tokens >= self.max_tokens
-        if final:
-            self.detokenizer.finalize()
-            text += self.detokenizer.last_segment
-        self._text(text, final=final)
-        if final and not self.done:
-            self.finish("length")
-        return self.done
-
-    def _text(self, text: str, *, final: bool) -> None:
-        """Emit ``text``, holding back a tail that could start a stop string."""
-        if not self.stop:
-            self.publish(text)
-            return
-        held = self.held + text
-        cut = min((i for i in (held.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.held = ""
-            self.publish(held[:cut])
-            self.finish("stop")
-            return
-        keep = 0 if final else _partial_stop_len(held, self.stop)
-        self.held = held[len(held) - keep :]
-        self.publish(held[: len(held) - keep])
-
-    def finish(self, reason: FinishReason) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.stats.finish_reason = reason
-        self.stats.finished_at = time.perf_counter()
-        self.publish("", finish=reason)
-
-    def fail(self, error: EngineError) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.stats.error = str(error)
-        self.stats.finished_at = time.perf_counter()
-        self.publish("", error=error)
-
-    def publish(
-        self, text: str, *, finish: FinishReason | None = None, error: EngineError | None = None
-    ) -> None:
-        if not text and finish is None and error is None and self.last_wake:
-            # Nothing new to say, except at the first token: its text may be
-            # held (a partial UTF-8 sequence, a possible stop string), but the
-            # stream should start when generation does.
-            return
-        with self.lock:
-            if text:
-                self.out.append(text)
-            self.out_tokens = self.stats.completion_tokens
-            if finish is not None:
-                self.out_finish = finish
-            if error is not None:
-                self.out_error = error
-            if self.wake_pending:
-                return
-            now = time.perf_counter()
-            urgent = finish is not None or error is not None or not self.last_wake
-            if not urgent and now - self.last_wake < self.handoff_interval:
-                return  # a later token, or the finish, hands this text over
-            self.wake_pending = True
-            self.last_wake = now
-        if self.loop is None:
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.event.set)
-        except RuntimeError:
-            pass  # the loop is closed: nobody is reading any more
-
-    # -- event loop ----------------------------------------------------------
-
-    def take(self) -> tuple[str, int, FinishReason | None, EngineError | None]:
-        with self.lock:
-            text = "".join(self.out)
-            self.out.clear()
-            self.wake_pending = False
-            return text, self.out_tokens, self.out_finish, self.out_error
-
-
-class _Prefill:
-    """A prompt being prefilled: its job, its own KV cache, and how far it got."""
-
-    def __init__(self, job: _Job, cache: list[Any]) -> None:
-        self.job = job
-        self.cache = cache
-        self.done = 0  # prompt tokens already in the cache
-
-
-def _partial_stop_len(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
-    if not text:
-        return 0
-    last = text[-1]
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            # Comparing the last character first keeps long stop strings cheap.
-            if stop[k - 1] == last and text.endswith(stop[:k]):
-                best = k
-                break
-    return best
 
 
 class MlxEngine:
@@ -379,7 +140,7 @@ class MlxEngine:
         self._loading = False
         self._load_future: concurrent.futures.Future[ModelInfo] | None = None
         self._thread: threading.Thread | None = None
-        self._commands: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[GenerationJob | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._closed = False
         self._active = 0
@@ -556,27 +317,13 @@ class MlxEngine:
     # -- event-loop side helpers -------------------------------------------------
 
     def _encode(self, request: ChatCompletionRequest) -> list[int]:
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in request.messages
-        ]
-        tokenizer = self._tokenizer
         try:
             with self._tokenizer_lock:
-                if tokenizer.has_chat_template:
-                    ids = tokenizer.apply_chat_template(
-                        messages, add_generation_prompt=True, tokenize=True
-                    )
-                else:
-                    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-                    ids = tokenizer.encode(text + "assistant: ")
+                return encode_chat(self._tokenizer, request)
         except Exception as exc:
             raise EngineError(
                 "error_internal", f"the model's chat template rejected the messages: {exc}"
             ) from exc
-        if hasattr(ids, "input_ids"):  # a BatchEncoding from some tokenizers
-            ids = ids["input_ids"]
-        return list(ids)
 
     def _encode_text(self, text: str) -> list[int]:
         return self._encode(
@@ -607,7 +354,7 @@ class MlxEngine:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: list[str] | None = None,
-    ) -> _Job:
+    ) -> GenerationJob:
         stats = RequestStats(
             request_id=request_id,
             prompt_tokens=len(prompt),
@@ -618,7 +365,7 @@ class MlxEngine:
         self.last_stats.move_to_end(request_id)
         while len(self.last_stats) > STATS_KEPT:
             self.last_stats.popitem(last=False)
-        return _Job(
+        return GenerationJob(
             request_id=request_id,
             prompt=prompt,
             max_tokens=max_tokens,
@@ -632,14 +379,14 @@ class MlxEngine:
             handoff_interval=self.handoff_interval,
         )
 
-    def _submit(self, job: _Job) -> None:
+    def _submit(self, job: GenerationJob) -> None:
         thread = self._thread
         if self._stopping.is_set() or thread is None or not thread.is_alive():
             job.finish("cancelled")
             return
         self._commands.put(job)
 
-    async def _results(self, job: _Job) -> AsyncIterator[TokenBatch]:
+    async def _results(self, job: GenerationJob) -> AsyncIterator[TokenBatch]:
         prompt_tokens = len(job.prompt)
         while True:
             await job.event.wait()
@@ -651,6 +398,8 @@ class MlxEngine:
                 yield TokenBatch(text, prompt_tokens, completion_tokens, finish)
             if finish is not None:
                 return
+
+    # -- generation thread -------------------------------------------------------
 
     # -- generation thread -------------------------------------------------------
 
@@ -667,12 +416,27 @@ class MlxEngine:
             loaded.set_exception(exc)
             return
         loaded.set_result(info)
+        assert self._greedy is not None
+        rt = Runtime(
+            model=self._model,
+            tokenizer=self._tokenizer,
+            stream=self._stream,
+            commands=self._commands,
+            stopping=self._stopping,
+            greedy=self._greedy,
+            eos_mask=self._eos_mask,
+            max_concurrency=self.max_concurrency,
+            default_max_tokens=self.default_max_tokens,
+            prefill_step_size=self.prefill_step_size,
+            record_token_ids=self.record_token_ids,
+            hook=lambda: self.step_hook,
+        )
         try:
             with mx.stream(self._stream), wired_limit(self._model, [self._stream]):
                 if self.max_concurrency > 1 and self._batchable():
-                    self._serve_batched()
+                    serve_batched(rt)
                 else:
-                    self._serve_sequential()
+                    serve_sequential(rt)
         except BaseException:
             log.exception("the generation thread failed")
         finally:
@@ -704,422 +468,48 @@ class MlxEngine:
 
     def _load_model(self) -> ModelInfo:
         import mlx.core as mx
-        from mlx_lm import load as mlx_load
         from mlx_lm.sample_utils import greedy_sampler
         from mlx_lm.utils import get_total_parameters
 
         log.info("loading model %s", self.model)
-        start = time.perf_counter()
-        model, tokenizer, config = mlx_load(
-            self.model, return_config=True, trust_remote_code=self.trust_remote_code
+        loaded = load_model(
+            self.model,
+            trust_remote_code=self.trust_remote_code,
+            configured_context_tokens=self.configured_context_tokens,
         )
-        load_ms = int((time.perf_counter() - start) * 1000)
-        self._model, self._tokenizer, self._config = model, tokenizer, config
-
-        model_context = config.get("max_position_embeddings") or config.get("text_config", {}).get(
-            "max_position_embeddings"
-        )
-        configured = self.configured_context_tokens
-        if model_context and configured:
-            self._context_tokens = min(configured, int(model_context))
-        else:
-            self._context_tokens = int(configured or model_context or FALLBACK_CONTEXT_TOKENS)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        self._model, self._tokenizer, self._config = model, tokenizer, loaded.config
+        self._context_tokens = loaded.context_tokens
 
         if self.ignore_eos and tokenizer.eos_token_ids:
-            mask = self._make_eos_mask()
+            mask = make_eos_mask(model, tokenizer, loaded.config)
             self._eos_mask = mask
             self._greedy = lambda logprobs: mx.argmax(logprobs + mask, axis=-1)
         else:
             self._greedy = greedy_sampler
 
-        tps = self._measure_throughput()
+        # The estimate needs every token, so EOS is masked whatever ignore_eos says.
+        mask = self._eos_mask
+        if mask is None and tokenizer.eos_token_ids:
+            mask = make_eos_mask(model, tokenizer, loaded.config)
+        tps = measure_throughput(
+            model, self._stream, self._encode_text("Hello"), mask, self.warmup_tokens
+        )
         path = Path(self.model)
         info = ModelInfo(
             model_id=path.resolve().name if path.exists() else self.model,
             model_params_b=get_total_parameters(model) / 1e9,
             max_context_tokens=self._context_tokens,
-            model_load_time_ms=load_ms,
+            model_load_time_ms=loaded.load_ms,
             throughput_tps_estimate=round(tps, 1),
-            model_hash=_model_hash(path) if path.exists() else None,
+            model_hash=model_hash(path) if path.exists() else None,
         )
         log.info(
             "loaded %s: %.3fB params, context %d, load %d ms, ~%.1f tok/s",
             info.model_id,
             info.model_params_b,
             info.max_context_tokens,
-            load_ms,
+            loaded.load_ms,
             tps,
         )
         return info
-
-    def _measure_throughput(self) -> float:
-        """Decode tokens/s of one greedy stream, after a short untimed run."""
-        import mlx.core as mx
-        from mlx_lm.generate import generate_step
-
-        prompt = mx.array(self._encode_text("Hello"))
-        # The estimate needs every token, so EOS is masked whatever ignore_eos says.
-        mask = self._eos_mask
-        if mask is None and self._tokenizer.eos_token_ids:
-            mask = self._make_eos_mask()
-
-        def sampler(logprobs: Any) -> Any:
-            return mx.argmax(logprobs if mask is None else logprobs + mask, axis=-1)
-
-        tps = 0.0
-        for n in (4, self.warmup_tokens):
-            first = last = time.perf_counter()
-            for i, _ in enumerate(
-                generate_step(prompt, self._model, self._stream, max_tokens=n, sampler=sampler)
-            ):
-                last = time.perf_counter()
-                if i == 0:
-                    first = last
-            if last > first:
-                tps = (n - 1) / (last - first)
-        return tps
-
-    def _make_eos_mask(self) -> Any:
-        """An additive logits mask: -inf at the EOS ids, 0 elsewhere."""
-        import mlx.core as mx
-
-        try:
-            # Shapes are known without evaluating, so this costs no forward pass.
-            vocab = self._model(mx.array([[0]])).shape[-1]
-        except Exception:
-            vocab = _vocab_size(self._config) or len(self._tokenizer)
-        mask = mx.zeros((vocab,))
-        mask[mx.array(sorted(self._tokenizer.eos_token_ids))] = -float("inf")
-        return mask
-
-    def _start(self, job: _Job) -> None:
-        job.stats.started_at = time.perf_counter()
-        job.detokenizer = self._tokenizer.detokenizer
-        job.eos = frozenset(self._tokenizer.eos_token_ids)
-        job.sampler = self._make_sampler(job)
-        job.record_tokens = self.record_token_ids
-
-    def _make_sampler(self, job: _Job) -> Callable[[Any], Any]:
-        """The job's sampler: the shared greedy one, or its own seeded key chain.
-
-        Every sampling request owns its PRNG key (from ``seed``, else random),
-        so requests never share random state and a seed reproduces its text
-        whatever else runs.
-        """
-        import mlx.core as mx
-        from mlx_lm.sample_utils import apply_top_p
-
-        assert self._greedy is not None
-        if job.temperature <= 0:
-            return self._greedy
-        seed = job.seed if job.seed is not None else secrets.randbits(64)
-        key = mx.random.key(seed % (1 << 64))
-        scale = 1.0 / job.temperature
-        top_p = job.top_p
-        mask = self._eos_mask
-
-        def sample(logprobs: Any) -> Any:
-            nonlocal key
-            if mask is not None:
-                logprobs = logprobs + mask
-            if 0 < top_p < 1:
-                logprobs = apply_top_p(logprobs, top_p)
-            key, sub = mx.random.split(key)
-            return mx.random.categorical(logprobs * scale, key=sub)
-
-        return sample
-
-    def _step_done(self, job: _Job, kind: StepKind) -> None:
-        hook = self.step_hook
-        if hook is not None:
-            hook(job.stats, kind)
-
-    def _serve_sequential(self) -> None:
-        pending: deque[_Job] = deque()
-        while True:
-            if not self._stopping.is_set():  # a sweep during a job may have seen close()
-                self._sweep(pending, block=not pending)
-            if self._stopping.is_set():
-                for job in pending:
-                    job.finish("cancelled")
-                return
-            if pending:
-                self._run_one(pending.popleft(), pending)
-
-    def _sweep(self, pending: deque[_Job], *, block: bool = False) -> None:
-        """Queue arrivals behind the running job; end waiting jobs already cancelled."""
-        for item in self._take_commands(block=block):
-            if item is None:
-                self._stopping.set()
-            else:
-                pending.append(item)
-        for job in [job for job in pending if job.cancel.is_set()]:
-            pending.remove(job)
-            job.finish("cancelled")
-            self._finished(job)
-
-    def _run_one(self, job: _Job, pending: deque[_Job]) -> None:
-        import mlx.core as mx
-        from mlx_lm.generate import generate_step
-
-        def progress(done: int, total: int) -> None:
-            if 0 < done < total:
-                job.stats.prefill_chunks += 1
-                self._step_done(job, "prefill")
-            self._sweep(pending)
-            if job.cancel.is_set() or self._stopping.is_set():
-                raise _Cancelled
-
-        try:
-            self._start(job)
-            steps = generate_step(
-                mx.array(job.prompt),
-                self._model,
-                self._stream,
-                max_tokens=job.max_tokens,
-                sampler=job.sampler,
-                prefill_step_size=self.prefill_step_size,
-                prompt_progress_callback=progress,
-            )
-            try:
-                for token, _ in steps:
-                    if job.on_token(int(token)):
-                        break
-                    self._step_done(job, "decode")
-                    self._sweep(pending)
-                    if job.cancel.is_set() or self._stopping.is_set():
-                        job.finish("cancelled")
-                        break
-            finally:
-                steps.close()
-        except _Cancelled:
-            job.finish("cancelled")
-        except Exception as exc:
-            log.exception("%s: generation failed", job.request_id)
-            job.fail(EngineError("error_internal", f"generation failed: {exc}"))
-        self._finished(job)
-
-    def _serve_batched(self) -> None:
-        from mlx_lm.generate import BatchGenerator, StopSequences
-        from mlx_lm.models.cache import make_prompt_cache
-
-        def make_generator() -> BatchGenerator:
-            return BatchGenerator(
-                self._model,
-                max_tokens=self.default_max_tokens,
-                completion_batch_size=self.max_concurrency,
-                # Prompts arrive already prefilled, one at a time.
-                prefill_batch_size=1,
-                prefill_step_size=self.prefill_step_size,
-                stream=self._stream,
-            )
-
-        # EOS is matched by the job itself, so its token is never emitted.
-        eos_stop = StopSequences([(t,) for t in sorted(self._tokenizer.eos_token_ids)])
-        generator = make_generator()
-        pending: deque[_Job] = deque()  # arrived, prefill not started
-        filling: _Prefill | None = None  # the prompt being prefilled
-        running: dict[int, _Job] = {}  # decoding in the generator, by uid
-        try:
-            while True:
-                # Block only when idle; otherwise pick up arrivals between steps.
-                idle = not running and not pending and filling is None
-                for item in self._take_commands(block=idle):
-                    if item is None:
-                        self._stopping.set()
-                    else:
-                        pending.append(item)
-                if self._stopping.is_set():
-                    waiting = [filling.job] if filling is not None else []
-                    for job in [*waiting, *pending, *running.values()]:
-                        job.finish("cancelled")
-                        self._finished(job)
-                    return
-
-                for job in [job for job in pending if job.cancel.is_set()]:
-                    pending.remove(job)
-                    job.finish("cancelled")
-                    self._finished(job)
-                if filling is not None and filling.job.cancel.is_set():
-                    filling.job.finish("cancelled")
-                    self._finished(filling.job)
-                    filling = None
-                cancelled = [uid for uid, job in running.items() if job.cancel.is_set()]
-                if cancelled:
-                    generator.remove(cancelled)
-                    for uid in cancelled:
-                        job = running.pop(uid)
-                        job.finish("cancelled")
-                        self._finished(job)
-
-                # One decode step for every running request; its tokens go out
-                # before the next prefill chunk runs.
-                if running:
-                    try:
-                        _, responses = generator.next()
-                    except Exception as exc:
-                        log.exception("batched generation step failed")
-                        error = EngineError("error_internal", f"generation failed: {exc}")
-                        for job in running.values():
-                            job.fail(error)
-                            self._finished(job)
-                        running.clear()
-                        generator.close()
-                        generator = make_generator()
-                        continue
-                    finished = []
-                    for r in responses:
-                        job = running.get(r.uid)
-                        if job is None:
-                            continue
-                        done = self._guarded(job, job.on_token, int(r.token))
-                        if not done and r.finish_reason is None:
-                            done = self._guarded(job, self._step_done, job, "decode")
-                        if done or r.finish_reason is not None:
-                            finished.append(r.uid)
-                    if finished:
-                        # The generator already dropped those it finished itself.
-                        generator.remove(finished)
-                    for uid in finished:
-                        job = running.pop(uid)
-                        if not job.done:  # the generator stopped before the job did
-                            job.finish("length")
-                        self._finished(job)
-
-                # Then one chunk of the oldest prompt. Prompts are prefilled one
-                # at a time in arrival order, so the first buyer is not held
-                # behind the others.
-                if filling is None and pending:
-                    job = pending.popleft()
-                    try:
-                        self._start(job)
-                        filling = _Prefill(job, make_prompt_cache(self._model))
-                    except Exception as exc:
-                        log.exception("%s: could not start", job.request_id)
-                        job.fail(EngineError("error_internal", f"generation failed: {exc}"))
-                        self._finished(job)
-                if filling is None:
-                    continue
-                job = filling.job
-                token = None
-                try:
-                    token = self._prefill_chunk(filling)
-                except Exception as exc:
-                    log.exception("%s: prefill failed", job.request_id)
-                    job.fail(EngineError("error_internal", f"generation failed: {exc}"))
-                if token is None and not job.done:
-                    continue  # more chunks to go
-                if not job.done:
-                    assert token is not None
-                    done = self._guarded(job, job.on_token, token)
-                    if not done:
-                        done = self._guarded(job, self._step_done, job, "decode")
-                    if not done:
-                        # The generator carries on from the first token, over
-                        # the cache the prefill filled.
-                        try:
-                            (uid,) = generator.insert(
-                                [[token]],
-                                max_tokens=[job.max_tokens],
-                                caches=[filling.cache],
-                                all_tokens=[job.prompt],
-                                samplers=[job.sampler],
-                                stop_sequences=[eos_stop],
-                            )
-                        except Exception as exc:
-                            log.exception("%s: could not start decoding", job.request_id)
-                            job.fail(EngineError("error_internal", f"generation failed: {exc}"))
-                        else:
-                            running[uid] = job
-                filling = None
-                if job.done:
-                    self._finished(job)
-        finally:
-            generator.close()
-
-    def _prefill_chunk(self, fill: _Prefill) -> int | None:
-        """Run the next chunk of ``fill``'s prompt; once it is all in, its first token.
-
-        As in :func:`mlx_lm.generate.generate_step`: every prompt token but the
-        last goes through the model in chunks of ``prefill_step_size``, then the
-        last one gives the logits of the first completion token. That last step
-        follows the last chunk in the same call, so no decode step of other
-        requests comes between the prefill and the first token.
-        """
-        import mlx.core as mx
-
-        job = fill.job
-        prompt = job.prompt
-        rest = len(prompt) - 1 - fill.done
-        if rest > 0:
-            n = min(self.prefill_step_size, rest)
-            self._model(mx.array(prompt[fill.done : fill.done + n])[None], cache=fill.cache)
-            mx.eval([c.state for c in fill.cache])
-            mx.clear_cache()
-            fill.done += n
-            job.stats.prefill_chunks += 1
-            self._step_done(job, "prefill")
-            if n < rest or job.cancel.is_set():
-                return None  # the next turn runs the next chunk, or ends a cancelled job
-        logits = self._model(mx.array(prompt[-1:])[None], cache=fill.cache)[:, -1, :]
-        assert job.sampler is not None
-        token = job.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-        return int(token.item())
-
-    def _take_commands(self, *, block: bool) -> list[_Job | None]:
-        """Everything queued now; with ``block``, wait for at least one item."""
-        items: list[_Job | None] = []
-        if not block and self._commands.empty():
-            return items  # the per-decode-step case: no exception raised and caught
-        try:
-            items.append(self._commands.get(block=block))
-            while True:
-                items.append(self._commands.get_nowait())
-        except queue.Empty:
-            pass
-        return items
-
-    def _guarded(self, job: _Job, fn: Callable[..., Any], *args: Any) -> bool:
-        """Run ``fn``; an exception fails ``job`` alone. Returns whether the job is done."""
-        try:
-            fn(*args)
-        except Exception as exc:
-            log.exception("%s: generation failed", job.request_id)
-            job.fail(EngineError("error_internal", f"generation failed: {exc}"))
-        return job.done
-
-    def _finished(self, job: _Job) -> None:
-        stats = job.stats
-        if stats.finished_at is None:
-            stats.finished_at = time.perf_counter()
-        ttft = stats.ttft_s
-        tps = stats.decode_tps
-        log.debug(
-            "%s: %s after %d prompt + %d completion tokens (ttft %s ms, %s tok/s)",
-            job.request_id,
-            stats.finish_reason or "error",
-            stats.prompt_tokens,
-            stats.completion_tokens,
-            "-" if ttft is None else f"{ttft * 1000:.0f}",
-            "-" if tps is None else f"{tps:.1f}",
-        )
-
-
-def _vocab_size(config: dict[str, Any]) -> int | None:
-    size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-    return int(size) if size else None
-
-
-def _model_hash(path: Path) -> str:
-    """sha256 of config.json plus the weight index (or weight file names and sizes).
-
-    Cheap: it identifies a checkpoint without reading gigabytes of weights.
-    """
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors.index.json"):
-        file = path / name
-        if file.exists():
-            digest.update(name.encode() + b"\0" + file.read_bytes())
-    weights = sorted(path.glob("*.safetensors"))
-    digest.update(json.dumps([[w.name, w.stat().st_size] for w in weights]).encode())
-    return "sha256:" + digest.hexdigest()

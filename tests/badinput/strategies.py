@@ -26,14 +26,8 @@ from typing import Any, Literal, TypeVar
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from provider.protocol import (
-    MAX_BODY_BYTES,
-    MAX_FRAME_BYTES,
-    MAX_MESSAGES,
-    MAX_STOP,
-    MAX_TOKENS_LIMIT,
-    MAX_TYPE_ECHO,
-)
+from provider.coordinator.messages import MAX_FRAME_BYTES, MAX_TYPE_ECHO
+from provider.openai.request import MAX_BODY_BYTES, MAX_MESSAGES, MAX_STOP, MAX_TOKENS_LIMIT
 
 T = TypeVar("T")
 

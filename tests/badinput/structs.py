@@ -1,7 +1,7 @@
 """Hypothesis strategies for valid wire messages, derived from the Structs' own types.
 
 :func:`valid_struct` reads :func:`msgspec.inspect.type_info` (field types and
-``Meta`` constraints), so a field added to :mod:`provider.protocol` is
+``Meta`` constraints), so a field added to :mod:`provider.coordinator.messages` is
 generated without touching this module. Checks that only ``__post_init__``
 knows (byte lengths) are honoured by discarding the examples it refuses.
 """

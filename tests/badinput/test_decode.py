@@ -16,19 +16,17 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from coordinator_stub.http import error_param
-from provider.protocol import (
-    BadRequest,
-    ChatCompletionRequest,
+from coordinator_stub.buyer_api import error_param
+from provider.coordinator.messages import (
     CoordinatorMessage,
     Invalid,
     ProviderMessage,
-    decode_chat_request,
     decode_coordinator_frame,
     decode_provider_frame,
     encode,
     message_type,
 )
+from provider.openai.request import BadRequest, ChatCompletionRequest, decode_chat_request
 
 from .strategies import (
     EDGE_STRINGS,
@@ -239,7 +237,7 @@ def test_every_valid_chat_request_decodes(req: ChatCompletionRequest, data: st.D
 
 
 def test_unicode_edge_strings_survive_a_round_trip() -> None:
-    from provider.protocol import CancelRequest
+    from provider.coordinator.messages import CancelRequest
 
     for text in EDGE_STRINGS:
         msg = CancelRequest(request_id=text, reason=text * 50)

@@ -18,8 +18,8 @@ from typing import Any
 import aiohttp
 
 from coordinator_stub.app import CoordinatorStub
+from provider.coordinator.messages import MAX_FRAME_BYTES, MAX_TYPE_ECHO
 from provider.logs import JsonFormatter
-from provider.protocol import MAX_FRAME_BYTES, MAX_TYPE_ECHO
 from tests.session.conftest import PID, provider_config, running
 from tests.session.scripted_engine import ScriptedEngine
 

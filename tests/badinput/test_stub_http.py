@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from coordinator_stub.app import CoordinatorStub
-from provider.protocol import MAX_BODY_BYTES
+from provider.openai.request import MAX_BODY_BYTES
 from tests.session.conftest import PID, provider_config, running
 from tests.session.scripted_engine import ScriptedEngine
 

@@ -6,7 +6,7 @@ import json
 
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from provider.completions import CompletionFormatter, make_usage
+from provider.openai.completions import CompletionFormatter, make_usage
 
 
 def events(sse: str) -> list[str]:

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from provider.metrics import MetricsWindow, heartbeat_tick, watchdog_timeout
+from provider.coordinator.heartbeat import heartbeat_tick, watchdog_timeout
+from provider.coordinator.window import MetricsWindow
 
 
 @pytest.mark.parametrize(("interval", "tick"), [(30, 5), (5, 5), (3, 3), (1, 1), (0, 1)])

@@ -7,7 +7,8 @@ import json
 import msgspec
 import pytest
 
-from provider import protocol as p
+from provider.coordinator import messages as p
+from provider.openai.request import BadRequest, decode_chat_request
 
 PROVIDER_MESSAGES: list[msgspec.Struct] = [
     p.Hello(
@@ -131,7 +132,7 @@ def test_byte_limits_count_bytes_not_characters() -> None:
 
 
 def test_chat_request_limits() -> None:
-    ok = p.decode_chat_request(
+    ok = decode_chat_request(
         b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],'
         b'"max_completion_tokens":5,"stop":"x","stream":true,'
         b'"stream_options":{"include_usage":true},"unknown_field":1}'
@@ -146,12 +147,12 @@ def test_chat_request_limits() -> None:
         (b'{"messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}', "$.stop"),
         (b'{"messages":[{"role":"user","content":"x"}],"max_tokens":0}', "$.max_tokens"),
     ]:
-        with pytest.raises(p.BadRequest, match=field.replace("$", r"\$").replace("[", r"\[")):
-            p.decode_chat_request(body)
-    with pytest.raises(p.BadRequest, match="malformed"):  # NaN is not JSON
-        p.decode_chat_request(b'{"messages":[{"role":"user","content":"x"}],"temperature":NaN}')
+        with pytest.raises(BadRequest, match=field.replace("$", r"\$").replace("[", r"\[")):
+            decode_chat_request(body)
+    with pytest.raises(BadRequest, match="malformed"):  # NaN is not JSON
+        decode_chat_request(b'{"messages":[{"role":"user","content":"x"}],"temperature":NaN}')
 
 
 def test_chat_request_nan_rejected() -> None:
     req = msgspec.json.encode({"messages": [{"role": "user", "content": "x"}], "top_p": 0.5})
-    assert p.decode_chat_request(req).top_p == 0.5
+    assert decode_chat_request(req).top_p == 0.5

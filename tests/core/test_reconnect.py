@@ -6,7 +6,7 @@ import random
 
 import tenacity
 
-from provider.reconnect import (
+from provider.coordinator.reconnect import (
     BackoffPolicy,
     ConnectionLost,
     FatalRefusal,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provider.state import StateMachine
+from provider.coordinator.state import StateMachine
 
 
 def test_lifecycle_reports_each_change_once() -> None:

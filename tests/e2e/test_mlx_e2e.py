@@ -10,8 +10,8 @@ from typing import Any
 import openai
 import pytest
 
+from provider.coordinator.jobs import Job
 from provider.engine.mlx import RequestStats, StepKind
-from provider.jobs import Job
 
 from .conftest import PID
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from provider.engine import TokenBatch
 from provider.engine.mlx import MlxEngine
-from provider.protocol import ChatCompletionRequest, ChatMessage
+from provider.openai.request import ChatCompletionRequest, ChatMessage
 
 
 def chat(content: str = "Hello there, how are you?", **fields: Any) -> ChatCompletionRequest:

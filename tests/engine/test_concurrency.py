@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from provider.engine.mlx import MlxEngine
-from provider.protocol import ChatCompletionRequest
+from provider.openai.request import ChatCompletionRequest
 from tests.engine.helpers import chat, collect, text_of
 
 

@@ -231,7 +231,7 @@ async def test_warm_up_runs_without_a_slot(engine: MlxEngine) -> None:
 
 
 async def test_developer_role_and_content_parts(engine: MlxEngine, hf_tokenizer: Any) -> None:
-    from provider.protocol import ChatCompletionRequest, ChatMessage, ContentPart
+    from provider.openai.request import ChatCompletionRequest, ChatMessage, ContentPart
 
     request = ChatCompletionRequest(
         messages=[

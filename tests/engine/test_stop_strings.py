@@ -6,7 +6,9 @@ import threading
 
 import pytest
 
-from provider.engine.mlx import RequestStats, _Job, _partial_stop_len
+from provider.engine.job import GenerationJob as _Job
+from provider.engine.job import RequestStats
+from provider.engine.text import partial_stop_len as _partial_stop_len
 
 EOS = 99
 

@@ -32,7 +32,7 @@ from provider.config import (
     load_config,
     persist_keys,
 )
-from provider.status_server import StatusServer
+from provider.ops.status_server import StatusServer
 
 TOKEN = "ptok_secret_Q2w3E4r5T6y7"
 FIXED = {"deadline": None, "derandomize": True, "database": None}

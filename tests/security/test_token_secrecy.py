@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from coordinator_stub.app import CoordinatorStub
 from provider.logs import LOGGER_NAME, REDACTED, get_logger, setup_logging
-from provider.protocol import ChatCompletionRequest
-from provider.status_server import StatusServer
+from provider.openai.request import ChatCompletionRequest
+from provider.ops.status_server import StatusServer
 from tests.session.conftest import PID, provider_config, running, stub_config
 from tests.session.scripted_engine import ScriptedEngine
 

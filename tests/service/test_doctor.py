@@ -8,8 +8,8 @@ import pytest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from provider import doctor
-from provider.doctor import (
+from provider.ops import doctor
+from provider.ops.doctor import (
     CheckResult,
     check_hardware,
     check_log_dir,

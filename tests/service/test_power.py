@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from provider.power import SleepAssertion, WakeDetector, watch_for_wake
+from provider.host.power import SleepAssertion, WakeDetector, watch_for_wake
 from tests.service.helpers import FakeBin, wait_until
 
 

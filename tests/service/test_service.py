@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from provider import service
-from provider.service import (
+from provider.host import service
+from provider.host.service import (
     LaunchAgent,
     build_plist,
     parse_launchctl_print,

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from websockets.sync.server import Server, ServerConnection, serve
 
-from provider import service_cli
-from provider.status_server import StatusServer
+from provider.ops import service_cli
+from provider.ops.status_server import StatusServer
 from tests.service.helpers import FakeBin, read_calls
 from tests.service.test_status_server import sample_status
 

@@ -7,12 +7,8 @@ import aiohttp
 import pytest
 
 from provider import telemetry
-from provider.status_server import (
-    StatusServer,
-    format_status_table,
-    memory_info,
-    rss_bytes,
-)
+from provider.host.hardware import memory_info, rss_bytes
+from provider.ops.status_server import StatusServer, format_status_table
 
 NOW = 1_700_000_000.0
 

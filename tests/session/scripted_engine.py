@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from provider.engine import EngineError, ModelInfo, TokenBatch
-from provider.protocol import ChatCompletionRequest
+from provider.openai.request import ChatCompletionRequest
 
 
 @dataclass

@@ -8,8 +8,8 @@ import json
 import aiohttp
 
 from coordinator_stub.app import CoordinatorStub
-from provider.power import watch_for_wake
-from provider.status_server import StatusServer
+from provider.host.power import watch_for_wake
+from provider.ops.status_server import StatusServer
 
 from .conftest import PID, provider_config, running
 

@@ -1,4 +1,4 @@
-"""provider.jobs.relay: how a request's output becomes chunk frames."""
+"""provider.coordinator.jobs.relay: how a request's output becomes chunk frames."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from provider.coordinator.jobs import Job, relay
+from provider.coordinator.messages import InferenceResponseChunk
 from provider.engine import TokenBatch
-from provider.jobs import Job, relay
-from provider.protocol import ChatCompletionRequest, ChatMessage, InferenceResponseChunk
+from provider.openai.request import ChatCompletionRequest, ChatMessage
 
 from .scripted_engine import ScriptedEngine
 

@@ -18,8 +18,8 @@ import pytest
 
 from coordinator_stub.app import CoordinatorStub
 from provider.config import load_config
-from provider.protocol import Preflight
-from provider.session import Session
+from provider.coordinator.messages import Preflight
+from provider.coordinator.session import Session
 
 from .conftest import PID, provider_config, running, stub_config
 from .scripted_engine import ScriptedEngine

@@ -18,15 +18,8 @@ import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from provider.protocol import (
-    SSE_DONE,
+from provider.coordinator.messages import (
     CancelRequest,
-    ChatCompletion,
-    ChatCompletionChunk,
-    Choice,
-    ChoiceMessage,
-    ChunkChoice,
-    Delta,
     Heartbeat,
     Hello,
     HelloAck,
@@ -36,10 +29,19 @@ from provider.protocol import (
     Invalid,
     MetricsSnapshot,
     StateUpdate,
-    Usage,
     decode_coordinator_frame,
     encode_text,
     message_type,
+)
+from provider.openai.response import (
+    SSE_DONE,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Choice,
+    ChoiceMessage,
+    ChunkChoice,
+    Delta,
+    Usage,
     sse_event,
 )
 

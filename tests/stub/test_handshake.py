@@ -11,8 +11,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from coordinator_stub import CoordinatorStub
-from coordinator_stub.ws import close_reason
-from provider.protocol import (
+from coordinator_stub.frames import close_reason
+from provider.coordinator.messages import (
     MAX_FRAME_BYTES,
     DrainStatus,
     HelloAck,

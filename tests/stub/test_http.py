@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from coordinator_stub import CoordinatorStub
-from coordinator_stub.http import error_param
+from coordinator_stub.buyer_api import error_param
 
 from .conftest import ProviderFactory, StubFactory
 from .scripted import ScriptedProvider

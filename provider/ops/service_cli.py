@@ -23,10 +23,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from provider import service
+from provider.host import service
+from provider.host.service import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_LABEL, LaunchAgent
 from provider.logs import LOG_FILE_NAME, default_log_dir
-from provider.service import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_LABEL, LaunchAgent
-from provider.status_server import DEFAULT_STATUS_PORT, format_status_table
+from provider.ops.status_server import DEFAULT_STATUS_PORT, format_status_table
 
 __all__ = ["register"]
 
@@ -147,7 +147,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     # Imported here: doctor pulls in websockets, and only this command needs it.
-    from provider.doctor import format_results, run_checks
+    from provider.ops.doctor import format_results, run_checks
 
     path = config_path(args.config)
     settings = read_settings(path)

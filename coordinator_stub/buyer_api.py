@@ -3,7 +3,7 @@
 Endpoints:
 
 * ``POST /v1/chat/completions``: validated with
-  :func:`provider.protocol.decode_chat_request`, routed to the least-loaded
+  :func:`provider.openai.request.decode_chat_request`, routed to the least-loaded
   ready provider, relayed back. Streaming responses are ``text/event-stream``
   written through as the provider produced them; the status line is only
   committed once known (first chunk, or first keepalive comment).
@@ -12,7 +12,7 @@ Endpoints:
 * ``GET /v1/events``: pool events as SSE, starting with a ``snapshot``.
 * ``POST /admin/providers/{id}/drain`` and ``POST /admin/providers/{id}/drop``.
 
-Errors are OpenAI-style JSON (:class:`provider.protocol.ErrorResponse`), or,
+Errors are OpenAI-style JSON (:class:`provider.openai.response.ErrorResponse`), or,
 once a stream is committed, an SSE ``data: {"error": ...}`` event followed by
 ``data: [DONE]``.
 """
@@ -30,22 +30,15 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from provider.protocol import (
-    MAX_BODY_BYTES,
-    SSE_DONE,
-    BadRequest,
-    ErrorBody,
-    ErrorResponse,
-    InferenceResponseChunk,
-    InferenceResponseEnd,
-    decode_chat_request,
-    encode,
-)
+from provider.coordinator.messages import InferenceResponseChunk, InferenceResponseEnd
+from provider.openai.request import MAX_BODY_BYTES, BadRequest, decode_chat_request
+from provider.openai.response import SSE_DONE, ErrorBody, ErrorResponse, encode
 
 from .config import StubConfig
+from .endpoint import WebSocketSide
 from .events import EventBus
 from .pool import Pool
-from .ws import Flight, Gone, NoProviderAvailable, WebSocketSide
+from .relay import Flight, Gone, NoProviderAvailable, Relay
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +148,7 @@ class _Relay:
                 now = time.monotonic()
                 if not done:
                     if now >= deadline:
-                        self.api.side.cancel(self.rid, "timeout")
+                        self.api.relay.cancel(self.rid, "timeout")
                         return await self._fail(
                             504,
                             f"request timed out after {config.request_timeout_s}s",
@@ -192,7 +185,7 @@ class _Relay:
 
     def _buyer_gone(self) -> None:
         reason = "shutdown" if self.api.side.stopping else "buyer_disconnected"
-        if self.api.side.cancel(self.rid, reason):
+        if self.api.relay.cancel(self.rid, reason):
             logger.info(
                 "buyer disconnected request_id=%s provider_id=%s",
                 self.rid,
@@ -298,7 +291,8 @@ class BuyerAPI:
         config: Stub configuration (``host``, ``http_port``, ``keepalive_s``,
             ``request_timeout_s``, ``events_queue_size``).
         pool: The provider pool (read for models, status).
-        side: The provider side (routing, cancels, admin actions).
+        side: The provider endpoint (sessions, admin actions).
+        relay: Requests in flight (routing, cancels).
         bus: The event bus behind ``/v1/events``.
         status: Callable returning the ``/v1/status`` document.
     """
@@ -308,12 +302,14 @@ class BuyerAPI:
         config: StubConfig,
         pool: Pool,
         side: WebSocketSide,
+        relay: Relay,
         bus: EventBus,
         status: Callable[[], dict[str, Any]],
     ) -> None:
         self.config = config
         self.pool = pool
         self.side = side
+        self.relay = relay
         self.bus = bus
         self._status = status
         self.port = 0
@@ -379,7 +375,7 @@ class BuyerAPI:
             logger.info("bad request: %s", message)
             return error_response(400, message, "invalid_request_error", param=error_param(message))
         try:
-            flight = self.side.dispatch(body, stream=chat.stream, model=chat.model)
+            flight = self.relay.dispatch(body, stream=chat.stream, model=chat.model)
         except NoProviderAvailable as exc:
             logger.info("no provider for request model=%s", chat.model)
             return error_response(503, str(exc), "server_error", code="no_provider_available")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from provider.protocol import (
+from provider.openai.response import (
     SSE_DONE,
     ChatCompletion,
     ChatCompletionChunk,

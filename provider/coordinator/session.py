@@ -15,7 +15,7 @@ configured, no WebSocket pings unless configured), registers (``hello`` ->
 - drain: waits for a drain request and carries it out.
 
 It returns normally only after a completed drain; every other end is a
-:class:`~provider.reconnect.ConnectionLost` (or :class:`FatalRefusal`) for
+:class:`~provider.coordinator.reconnect.ConnectionLost` (or :class:`FatalRefusal`) for
 the agent's reconnect loop. On the way out, in-flight jobs are cancelled and
 their slots freed.
 """
@@ -27,21 +27,26 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from provider.heartbeat import heartbeat_loop, watchdog_loop
-from provider.jobs import Job, JobTable, Outcome, end_frame, relay
-from provider.metrics import heartbeat_tick, watchdog_timeout
-from provider.protocol import (
+from provider.config import Config
+from provider.coordinator.heartbeat import (
+    heartbeat_loop,
+    heartbeat_tick,
+    watchdog_loop,
+    watchdog_timeout,
+)
+from provider.coordinator.jobs import Job, JobTable, Outcome, end_frame, relay
+from provider.coordinator.messages import (
     MAX_FRAME_BYTES,
-    BadRequest,
     CancelRequest,
-    ChatCompletionRequest,
     Drain,
     DrainStatus,
+    Heartbeat,
+    Hello,
     HelloAck,
     InferenceRequest,
     Invalid,
@@ -50,18 +55,22 @@ from provider.protocol import (
     Preflight,
     PreflightAck,
     WarmUp,
-    decode_chat_request,
     decode_coordinator_frame,
     message_type,
 )
-from provider.reconnect import CLOSE_REASONS, FATAL_CLOSE_CODES, ConnectionLost, FatalRefusal
-from provider.sender import Sender
-from provider.sockopts import harden
+from provider.coordinator.reconnect import (
+    CLOSE_REASONS,
+    FATAL_CLOSE_CODES,
+    ConnectionLost,
+    FatalRefusal,
+)
+from provider.coordinator.sender import Sender
+from provider.coordinator.sockopts import harden
+from provider.coordinator.state import StateMachine
+from provider.engine import Engine
+from provider.openai.request import BadRequest, ChatCompletionRequest, decode_chat_request
 
-if TYPE_CHECKING:
-    from provider.agent import Agent
-
-log = logging.getLogger("mlx_provider.session")
+log = logging.getLogger("mlx_provider.coordinator.session")
 T = TypeVar("T")
 
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -77,10 +86,43 @@ class NoRedirectConnect(connect):
         return exc
 
 
+class SessionOwner(Protocol):
+    """What a session needs from whoever owns it across connections (the agent).
+
+    The session reads these and calls back through them; it never imports
+    the agent.
+    """
+
+    config: Config
+    engine: Engine
+    state: StateMachine
+    token: str | None
+    binary_version: str
+    model_id: str
+    stable_after_s: float
+    request_timeout_s: float
+    drain_requested: asyncio.Event
+
+    def hello_message(self) -> Hello: ...
+    def heartbeat_message(self) -> Heartbeat: ...
+    def heartbeat_sent(self, when: float) -> None: ...
+    def adopt_token(self, token: str) -> None: ...
+    def session_registered(self, session: Session, ack: HelloAck) -> None: ...
+    def session_ended(self, session: Session) -> None: ...
+    def job_started(self, job: Job) -> None: ...
+    def job_finished(self, job: Job, outcome: Outcome, *, started: bool) -> None: ...
+    def request_drain(self, source: str) -> None: ...
+    def set_degraded(self, reason: str) -> None: ...
+    def clear_degraded(self, reason: str) -> None: ...
+    def throughput_estimate(self) -> float: ...
+
+
 class Session:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.config = agent.config
+    """One connection; ``owner`` (a :class:`SessionOwner`) outlives it."""
+
+    def __init__(self, owner: SessionOwner) -> None:
+        self.owner = owner
+        self.config = owner.config
         self.ws: ClientConnection | None = None
         self.sender: Sender | None = None
         self.inbox: asyncio.Queue[tuple[float, str | bytes]] = asyncio.Queue()
@@ -103,8 +145,8 @@ class Session:
         try:
             return await NoRedirectConnect(
                 cfg.coordinator_url,
-                additional_headers={"Authorization": f"Bearer {self.agent.token or ''}"},
-                user_agent_header=f"mlx-provider/{self.agent.binary_version}",
+                additional_headers={"Authorization": f"Bearer {self.owner.token or ''}"},
+                user_agent_header=f"mlx-provider/{self.owner.binary_version}",
                 proxy=cfg.proxy,
                 ping_interval=pings,
                 ping_timeout=pings,
@@ -183,9 +225,9 @@ class Session:
             start(
                 heartbeat_loop(
                     self.sender,
-                    self.agent.heartbeat_message,
+                    self.owner.heartbeat_message,
                     tick=tick,
-                    on_sent=self.agent.heartbeat_sent,
+                    on_sent=self.owner.heartbeat_sent,
                 ),
                 "heartbeat",
             )
@@ -205,7 +247,7 @@ class Session:
         except ConnectionLost as exc:
             stable = (
                 self.registered_at is not None
-                and time.monotonic() - self.registered_at >= self.agent.stable_after_s
+                and time.monotonic() - self.registered_at >= self.owner.stable_after_s
             )
             raise ConnectionLost(
                 self._abort_cause or exc.cause, exc.detail, stable=stable, close_code=exc.close_code
@@ -232,7 +274,7 @@ class Session:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1):
                     await self.ws.close()
-            self.agent.session_ended(self)
+            self.owner.session_ended(self)
 
     def _silence(self) -> float:
         assert self.sender is not None
@@ -241,7 +283,7 @@ class Session:
     async def _register(self, background: list[asyncio.Task[Any]]) -> None:
         assert self.sender is not None
         await self._race(
-            self.sender.send(self.agent.hello_message()), background, HANDSHAKE_TIMEOUT_S
+            self.sender.send(self.owner.hello_message()), background, HANDSHAKE_TIMEOUT_S
         )
         _, raw = await self._race(self.inbox.get(), background, HANDSHAKE_TIMEOUT_S)
         ack = decode_coordinator_frame(raw)
@@ -251,15 +293,15 @@ class Session:
         self.heartbeat_interval_s = ack.heartbeat_interval_s
         if ack.assigned_provider_token:
             # Persisted before use: a crash right after must not lose it.
-            self.agent.adopt_token(ack.assigned_provider_token)
+            self.owner.adopt_token(ack.assigned_provider_token)
         if ack.required_binary_version:
             log.warning(
                 "coordinator requires binary version %s (we are %s)",
                 ack.required_binary_version,
-                self.agent.binary_version,
+                self.owner.binary_version,
             )
         self.registered_at = time.monotonic()
-        self.agent.session_registered(self, ack)
+        self.owner.session_registered(self, ack)
 
     # Handler -------------------------------------------------------------
 
@@ -287,7 +329,7 @@ class Session:
             case Preflight():
                 await self.sender.send(self._preflight_ack(msg))
             case Drain():
-                self.agent.request_drain("coordinator")
+                self.owner.request_drain("coordinator")
             case WarmUp():
                 if self._warm_up_task is None or self._warm_up_task.done():
                     self._warm_up_task = asyncio.create_task(self._warm_up(), name="warm_up")
@@ -309,7 +351,7 @@ class Session:
                 )
 
     def _refusal(self) -> Outcome | None:
-        agent = self.agent
+        agent = self.owner
         if agent.state.draining:
             return Outcome(
                 "error_queue_full", "provider is draining; retry on another provider", True
@@ -351,22 +393,22 @@ class Session:
             return
         job.token_limit = request.token_limit() or self.config.default_max_tokens
         self.jobs.add(job)
-        self.agent.job_started(job)
+        self.owner.job_started(job)
         log.info("job started", extra={"request_id": job.request_id, "stream": job.stream})
         job.task = asyncio.create_task(self._run_job(job, request), name=f"job:{job.request_id}")
 
     async def _run_job(self, job: Job, request: ChatCompletionRequest) -> None:
         assert self.sender is not None
         loop = asyncio.get_running_loop()
-        deadline = loop.call_later(self.agent.request_timeout_s, job.request_cancel, "deadline")
+        deadline = loop.call_later(self.owner.request_timeout_s, job.request_cancel, "deadline")
         outcome: Outcome | None = None
         try:
             outcome = await relay(
                 job,
                 request,
-                self.agent.engine,
+                self.owner.engine,
                 self.sender.send,
-                model_id=self.agent.model_id,
+                model_id=self.owner.model_id,
                 chunk_interval=self.config.chunk_interval_ms / 1000.0,
                 post=self.sender.post,
             )
@@ -388,7 +430,7 @@ class Session:
             return
         if self.sender is not None:
             self.sender.post(end_frame(job, outcome))
-        self.agent.job_finished(job, outcome, started=started)
+        self.owner.job_finished(job, outcome, started=started)
 
     async def _on_cancel(self, msg: CancelRequest) -> None:
         assert self.sender is not None
@@ -409,7 +451,7 @@ class Session:
             )
 
     def _preflight_ack(self, msg: Preflight) -> PreflightAck:
-        agent = self.agent
+        agent = self.owner
         info = agent.engine.info
         max_ctx = info.max_context_tokens if info else 0
         reason = None
@@ -432,7 +474,7 @@ class Session:
         )
 
     async def _warm_up(self) -> None:
-        agent = self.agent
+        agent = self.owner
         agent.set_degraded("warming_up")
         try:
             if agent.engine.info is not None:  # else the load ends with a generation anyway
@@ -445,7 +487,7 @@ class Session:
     # Drain ---------------------------------------------------------------
 
     async def _drain_when_asked(self) -> None:
-        await self.agent.drain_requested.wait()
+        await self.owner.drain_requested.wait()
         await self._drain()
 
     async def _drain(self) -> None:
@@ -476,7 +518,7 @@ class Session:
 
     def _drain_status(self, phase: str) -> DrainStatus:
         jobs = list(self.jobs.running.values())
-        tps = max(1.0, self.agent.throughput_estimate())
+        tps = max(1.0, self.owner.throughput_estimate())
         left = max((max(0, j.token_limit - j.completion_tokens) / tps for j in jobs), default=0.0)
         return DrainStatus(
             phase=phase,  # type: ignore[arg-type]

@@ -10,10 +10,8 @@ carries what a ``nak`` needs, so bad input never reaches a handler.
 Encoding is :func:`encode`: every field, in declaration order, so the same
 message always gives the same bytes.
 
-The module also holds the OpenAI chat-completion request body
-(:class:`ChatCompletionRequest`, with limits) and the response shapes
-(:class:`ChatCompletion`, :class:`ChatCompletionChunk`) that travel inside
-``inference_request.body`` and ``inference_response_chunk.data``.
+The OpenAI bodies that travel inside ``inference_request.body`` and
+``inference_response_chunk.data`` are :mod:`provider.openai`'s.
 """
 
 from __future__ import annotations
@@ -23,12 +21,13 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import Meta
 
+from provider.decoding import DECODE_ERRORS, describe
+from provider.openai.response import Usage
+
 PROTOCOL_VERSION: Final = 1
 
 #: Largest frame either side accepts (bytes). The stub closes 1009 above it.
 MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
-#: Largest chat completion body (bytes) inside an ``inference_request``.
-MAX_BODY_BYTES: Final = 2 * 1024 * 1024
 
 ProviderState = Literal["ready", "busy", "degraded", "draining", "unavailable"]
 EndStatus = Literal[
@@ -137,12 +136,6 @@ class InferenceResponseChunk(_Message, tag="inference_response_chunk", kw_only=T
     request_id: RequestId
     seq: NonNegInt
     data: str
-
-
-class Usage(msgspec.Struct, kw_only=True):
-    prompt_tokens: NonNegInt = 0
-    completion_tokens: NonNegInt = 0
-    total_tokens: NonNegInt = 0
 
 
 class InferenceResponseEnd(_Message, tag="inference_response_end", kw_only=True):
@@ -274,29 +267,18 @@ def encode_text(msg: msgspec.Struct) -> str:
     return _encoder.encode(msg).decode()
 
 
-#: What msgspec can raise on hostile input besides DecodeError: nesting past
-#: the interpreter's recursion limit, and invalid UTF-8 inside a bytes frame.
-_DECODE_ERRORS = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 #: How much of a received ``type`` is echoed back (nak) or logged.
 MAX_TYPE_ECHO = 64
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, RecursionError):
-        return "JSON is nested too deeply"
-    if isinstance(exc, UnicodeDecodeError):
-        return f"invalid UTF-8 at byte {exc.start}"
-    return str(exc)
 
 
 def _decode(data: str | bytes, decoder: msgspec.json.Decoder, known: frozenset[str]) -> Any:
     try:
         return decoder.decode(data)
-    except _DECODE_ERRORS as exc:
-        error = _describe(exc)
+    except DECODE_ERRORS as exc:
+        error = describe(exc)
     try:
         kind = _envelope_decoder.decode(data).type[:MAX_TYPE_ECHO]
-    except _DECODE_ERRORS:
+    except DECODE_ERRORS:
         return Invalid("malformed_message", "", error)
     if kind not in known:
         return Invalid("unknown_message_type", kind, f"unknown message type {kind!r}")
@@ -316,170 +298,3 @@ def decode_provider_frame(data: str | bytes) -> ProviderMessage | Invalid:
 def message_type(msg: msgspec.Struct) -> str:
     """The wire ``type`` of a message instance."""
     return type(msg).__struct_config__.tag  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------
-# OpenAI chat completions (the payload inside inference_request.body)
-
-MAX_MESSAGES: Final = 2048
-MAX_STOP: Final = 4
-MAX_STOP_BYTES: Final = 256
-MAX_TOKENS_LIMIT: Final = 1 << 20
-
-
-class ContentPart(msgspec.Struct, kw_only=True):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        """The message content as one string (text parts joined)."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-
-class StreamOptions(msgspec.Struct, kw_only=True):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """The OpenAI chat completion request body, limited to what we serve.
-
-    Unknown fields are ignored (clients send many); known ones are checked
-    here so the engine sees only values it can honour.
-    """
-
-    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=MAX_MESSAGES)]
-    model: str | None = None
-    max_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
-    max_completion_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
-    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
-    stop: (
-        Annotated[str, Meta(max_length=MAX_STOP_BYTES)]
-        | Annotated[
-            list[Annotated[str, Meta(min_length=1, max_length=MAX_STOP_BYTES)]],
-            Meta(max_length=MAX_STOP),
-        ]
-        | None
-    ) = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: Annotated[int, Meta(ge=1, le=1)] = 1
-
-    def __post_init__(self) -> None:
-        for field in ("temperature", "top_p"):
-            value = getattr(self, field)
-            if value is not None and value != value:  # NaN slips past ge/le
-                raise ValueError(f"`{field}` must be a number")
-
-    def token_limit(self) -> int | None:
-        """max_completion_tokens, else max_tokens, else None (engine default)."""
-        return self.max_completion_tokens or self.max_tokens
-
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        if isinstance(self.stop, str):
-            return [self.stop] if self.stop else []
-        return list(self.stop)
-
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
-
-
-_request_decoder = msgspec.json.Decoder(ChatCompletionRequest)
-
-
-class BadRequest(ValueError):
-    """A chat completion body that cannot be served; ``str()`` is buyer-facing."""
-
-
-def decode_chat_request(body: str | bytes) -> ChatCompletionRequest:
-    """Decode and validate a chat completion body.
-
-    Raises :class:`BadRequest` whose message names the offending field, e.g.
-    ``Expected `float` <= 2.0 - at `$.temperature```.
-    """
-    size = len(body.encode()) if isinstance(body, str) else len(body)
-    if size > MAX_BODY_BYTES:
-        raise BadRequest(f"request body is {size} bytes; the limit is {MAX_BODY_BYTES}")
-    try:
-        return _request_decoder.decode(body)
-    except _DECODE_ERRORS as exc:
-        raise BadRequest(_describe(exc)) from None
-
-
-FinishReason = Literal["stop", "length", "cancelled"]
-
-
-class ChoiceMessage(msgspec.Struct, kw_only=True):
-    role: Literal["assistant"] = "assistant"
-    content: str = ""
-
-
-class Choice(msgspec.Struct, kw_only=True):
-    index: int = 0
-    message: ChoiceMessage
-    finish_reason: FinishReason | None
-    logprobs: None = None
-
-
-class ChatCompletion(msgspec.Struct, kw_only=True):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
-
-
-class Delta(msgspec.Struct, kw_only=True, omit_defaults=True):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChunkChoice(msgspec.Struct, kw_only=True):
-    index: int = 0
-    delta: Delta
-    finish_reason: FinishReason | None = None
-    logprobs: None = None
-
-
-class ChatCompletionChunk(msgspec.Struct, kw_only=True):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
-
-
-SSE_DONE: Final = "data: [DONE]\n\n"
-
-
-def sse_event(obj: msgspec.Struct) -> str:
-    """One SSE ``data:`` event holding ``obj`` as JSON."""
-    return "data: " + _encoder.encode(obj).decode() + "\n\n"
-
-
-class ErrorBody(msgspec.Struct, kw_only=True):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(msgspec.Struct, kw_only=True):
-    """OpenAI-style error JSON: ``{"error": {"message", "type", ...}}``."""
-
-    error: ErrorBody

@@ -7,7 +7,7 @@ writes them one at a time, in order. No two tasks ever write to the socket.
 
 Each write is bounded by ``timeout`` (5 s). A write that does not complete in
 time means the peer stopped reading or the path is half-open: the writer
-aborts the TCP connection and raises :class:`~provider.reconnect.ConnectionLost`
+aborts the TCP connection and raises :class:`~provider.coordinator.reconnect.ConnectionLost`
 (``send_timeout``), which ends the session and starts a reconnect.
 """
 
@@ -21,8 +21,8 @@ import msgspec
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 
-from provider.protocol import encode_text
-from provider.reconnect import ConnectionLost
+from provider.coordinator.messages import encode_text
+from provider.coordinator.reconnect import ConnectionLost
 
 
 class Sender:

@@ -32,9 +32,9 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.frames import Close
 
+from provider.coordinator.session import NoRedirectConnect
+from provider.host.service import DEFAULT_LABEL, LaunchAgent, host_platform, service_state
 from provider.logs import default_log_dir
-from provider.service import DEFAULT_LABEL, LaunchAgent, host_platform, service_state
-from provider.session import NoRedirectConnect
 
 __all__ = [
     "CheckResult",

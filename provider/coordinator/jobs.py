@@ -28,15 +28,11 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from provider.completions import CompletionFormatter, make_usage
+from provider.coordinator.messages import EndStatus, InferenceResponseChunk, InferenceResponseEnd
 from provider.engine import Engine, EngineError, TokenBatch
-from provider.protocol import (
-    ChatCompletionRequest,
-    EndStatus,
-    InferenceResponseChunk,
-    InferenceResponseEnd,
-    Usage,
-)
+from provider.openai.completions import CompletionFormatter, make_usage
+from provider.openai.request import ChatCompletionRequest
+from provider.openai.response import Usage
 
 log = logging.getLogger("mlx_provider.jobs")
 

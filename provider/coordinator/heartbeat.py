@@ -20,10 +20,20 @@ from collections.abc import Callable
 import msgspec
 
 from provider import telemetry
-from provider.reconnect import ConnectionLost
-from provider.sender import Sender
+from provider.coordinator.reconnect import ConnectionLost
+from provider.coordinator.sender import Sender
 
 log = logging.getLogger("mlx_provider.heartbeat")
+
+
+def heartbeat_tick(interval_s: float) -> float:
+    """Seconds between heartbeats: max(1, min(interval, 5)), below the 10 s deadline."""
+    return max(1.0, min(float(interval_s), 5.0))
+
+
+def watchdog_timeout(tick_s: float) -> float:
+    """Silence that means a half-open socket: max(3 x tick, 15) s."""
+    return max(3.0 * tick_s, 15.0)
 
 
 async def heartbeat_loop(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from provider.protocol import ProviderState
+from provider.coordinator.messages import ProviderState
 
 
 @dataclass(frozen=True, slots=True)

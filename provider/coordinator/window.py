@@ -49,13 +49,3 @@ class MetricsWindow:
         self.tokens = 0
         self.decode_s = 0.0
         return True
-
-
-def heartbeat_tick(interval_s: float) -> float:
-    """Seconds between heartbeats: max(1, min(interval, 5)), below the 10 s deadline."""
-    return max(1.0, min(float(interval_s), 5.0))
-
-
-def watchdog_timeout(tick_s: float) -> float:
-    """Silence that means a half-open socket: max(3 x tick, 15) s."""
-    return max(3.0 * tick_s, 15.0)
