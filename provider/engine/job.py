@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from provider.engine import EngineError
+from provider.engine.pacing import GapWindow
 from provider.engine.text import cut_at_stop
 from provider.openai.response import FinishReason
 
@@ -34,16 +35,19 @@ class RequestStats:
     """Counters of one request, updated live by the generation thread.
 
     ``prefill_chunks`` counts prompt chunks processed before the first decode
-    step; ``decode_steps`` counts tokens sampled (EOS included);
-    ``completion_tokens`` counts tokens returned in usage (EOS excluded);
-    ``token_ids`` holds them when the engine records token ids. Times are
-    :func:`time.perf_counter` values.
+    step and ``prefill_tokens`` the prompt tokens they held (a prefix found
+    already in the cache is not counted); ``decode_steps`` counts tokens
+    sampled (EOS included); ``completion_tokens`` counts tokens returned in
+    usage (EOS excluded); ``token_ids`` holds them when the engine records
+    token ids. Times are :func:`time.perf_counter` values; ``max_gap_s`` is
+    the longest time between two consecutive sampled tokens.
     """
 
     request_id: str
     prompt_tokens: int
     max_tokens: int
     prefill_chunks: int = 0
+    prefill_tokens: int = 0
     decode_steps: int = 0
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
@@ -52,6 +56,8 @@ class RequestStats:
     submitted_at: float = 0.0
     started_at: float | None = None
     first_token_at: float | None = None
+    last_token_at: float | None = None
+    max_gap_s: float = 0.0
     finished_at: float | None = None
 
     @property
@@ -108,6 +114,7 @@ class GenerationJob:
         self.detokenizer: Any = None
         self.eos: frozenset[int] = frozenset()
         self.record_tokens = False
+        self.gaps: GapWindow | None = None
         self.held = ""  # decoded text that may be the start of a stop string
         self.done = False
         # Hand-off to the event loop.
@@ -130,8 +137,15 @@ class GenerationJob:
         """Consume one sampled token; return True when the request is finished."""
         stats = self.stats
         stats.decode_steps += 1
+        now = time.perf_counter()
         if stats.first_token_at is None:
-            stats.first_token_at = time.perf_counter()
+            stats.first_token_at = now
+        else:
+            gap = now - (stats.last_token_at or now)
+            stats.max_gap_s = max(stats.max_gap_s, gap)
+            if self.gaps is not None:
+                self.gaps.add(gap)
+        stats.last_token_at = now
         if token in self.eos:
             self.detokenizer.finalize()
             self._text(self.detokenizer.last_segment, final=True)

@@ -11,11 +11,17 @@ Each request is a :class:`~provider.engine.job.GenerationJob`; results cross
 back batched (see :mod:`.job`). Scheduling is :mod:`.sequential` for
 ``max_concurrency == 1`` and :mod:`.batched` above it.
 
-Cancellation is checked before every decode step and, during prefill, after
-every chunk of ``prefill_step_size`` tokens. :attr:`MlxEngine.last_stats` keeps
-per-request counters (prefill chunks, decode steps, tokens) that tests use to
-check how far a request ran after its ``cancel`` was set, and
-:attr:`MlxEngine.step_hook` is called on the generation thread after each step.
+Prompts are prefilled in chunks sized to take ``prefill_slice_ms`` each
+(:mod:`.pacing`, from the prefill speed measured as the engine runs), so
+cancellation, checked before every decode step and after every prefill
+chunk, is seen within one slice, and with continuous batching the running
+streams get a decode step between any two chunks. :meth:`MlxEngine.timings`
+reports the inter-token latency and the current chunk size.
+
+:attr:`MlxEngine.last_stats` keeps per-request counters (prefill chunks,
+decode steps, tokens) that tests use to check how far a request ran after
+its ``cancel`` was set, and :attr:`MlxEngine.step_hook` is called on the
+generation thread after each step.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from provider.engine import EngineError, ModelInfo, TokenBatch
+from provider.engine import EngineError, EngineTimings, ModelInfo, TokenBatch
 from provider.engine.batched import serve_batched
 from provider.engine.job import GenerationJob, RequestStats, StepKind
 from provider.engine.loading import (
@@ -41,6 +47,7 @@ from provider.engine.loading import (
     measure_throughput,
     model_hash,
 )
+from provider.engine.pacing import GapWindow, PrefillPacer
 from provider.engine.runtime import Runtime
 from provider.engine.sequential import serve_sequential
 from provider.engine.text import encode_chat
@@ -50,6 +57,11 @@ log = logging.getLogger("mlx_provider.engine")
 
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_PREFILL_STEP_SIZE = 512
+#: Prefill slice on a GPU (Metal): a stall of 100 ms is not seen in a stream of text.
+GPU_PREFILL_SLICE_MS = 100.0
+#: Prefill slice on the CPU, where a decode step alone takes tens of milliseconds
+#: (see docs/benchmarks.md for how the two budgets trade off).
+CPU_PREFILL_SLICE_MS = 250.0
 DEFAULT_WARMUP_TOKENS = 16
 #: Environment variable that turns ``ignore_eos`` on when the constructor leaves it None.
 IGNORE_EOS_ENV = "MLX_ENGINE_IGNORE_EOS"
@@ -76,8 +88,13 @@ class MlxEngine:
             (default 512).
 
     Prefill:
-        prefill_step_size: prompt tokens per prefill chunk (default 512); also
-            the granularity at which a cancel interrupts a prefill.
+        prefill_slice_ms: how long one prefill chunk should take (the engine
+            sizes chunks from the prefill speed it measures). Running streams
+            get a decode step, and cancels are looked at, between chunks.
+            None (default): 100 ms on a GPU, 250 ms on the CPU. 0: no time
+            slicing, every chunk is ``prefill_step_size`` tokens.
+        prefill_step_size: the most prompt tokens in one prefill chunk
+            (default 512).
 
     Hand-off:
         handoff_interval: seconds between wake-ups of the event loop while a
@@ -106,6 +123,7 @@ class MlxEngine:
         max_context_tokens: int | None = None,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+        prefill_slice_ms: float | None = None,
         handoff_interval: float = 0.02,
         warmup_tokens: int = DEFAULT_WARMUP_TOKENS,
         ignore_eos: bool | None = None,
@@ -117,12 +135,16 @@ class MlxEngine:
             raise ValueError("default_max_tokens and prefill_step_size must be >= 1")
         if max_context_tokens is not None and max_context_tokens < 2:
             raise ValueError("max_context_tokens must be >= 2")
+        if prefill_slice_ms is not None and prefill_slice_ms < 0:
+            raise ValueError("prefill_slice_ms must be >= 0 (0: no time slicing)")
         self.model = str(model)
         self.trust_remote_code = trust_remote_code
         self.max_concurrency = max_concurrency
         self.configured_context_tokens = max_context_tokens
         self.default_max_tokens = default_max_tokens
         self.prefill_step_size = prefill_step_size
+        #: As configured; None is resolved for the device when the model loads.
+        self.prefill_slice_ms = prefill_slice_ms
         self.handoff_interval = handoff_interval
         self.warmup_tokens = max(2, warmup_tokens)
         if ignore_eos is None:
@@ -135,6 +157,10 @@ class MlxEngine:
         #: Called on the generation thread after every prefill chunk and decode
         #: step of every request, before the cancel check. For tests; keep it fast.
         self.step_hook: Callable[[RequestStats, StepKind], None] | None = None
+
+        # Shared with the generation thread: it writes, the loop reads.
+        self._pacer = PrefillPacer(None, prefill_step_size)
+        self._gaps = GapWindow()
 
         self._info: ModelInfo | None = None
         self._loading = False
@@ -308,6 +334,20 @@ class MlxEngine:
         async for _ in self._results(job):
             pass
 
+    def timings(self) -> EngineTimings:
+        """Inter-token latency (the latest gaps of all requests) and prefill pacing."""
+        samples, p50, p99, worst = self._gaps.summary()
+        pacer = self._pacer
+        return EngineTimings(
+            inter_token_p50_s=p50,
+            inter_token_p99_s=p99,
+            inter_token_max_s=worst,
+            inter_token_samples=samples,
+            prefill_slice_s=pacer.slice_s,
+            prefill_chunk_tokens=pacer.last_chunk,
+            prefill_tokens_per_s=pacer.tokens_per_s,
+        )
+
     def count_tokens(self, request: ChatCompletionRequest) -> int:
         """Prompt tokens of ``request`` after the chat template (runs in the caller)."""
         if self._tokenizer is None:
@@ -430,6 +470,8 @@ class MlxEngine:
             prefill_step_size=self.prefill_step_size,
             record_token_ids=self.record_token_ids,
             hook=lambda: self.step_hook,
+            pacer=self._pacer,
+            gaps=self._gaps,
         )
         try:
             with mx.stream(self._stream), wired_limit(self._model, [self._stream]):
@@ -495,6 +537,13 @@ class MlxEngine:
         tps = measure_throughput(
             model, self._stream, self._encode_text("Hello"), mask, self.warmup_tokens
         )
+        slice_ms = self.prefill_slice_ms
+        if slice_ms is None:
+            on_gpu = mx.default_device().type == mx.DeviceType.gpu
+            slice_ms = GPU_PREFILL_SLICE_MS if on_gpu else CPU_PREFILL_SLICE_MS
+        self._pacer.slice_s = slice_ms / 1000.0 or None
+        if tps > 0:
+            self._pacer.seed(1.0 / tps)
         path = Path(self.model)
         info = ModelInfo(
             model_id=path.resolve().name if path.exists() else self.model,

@@ -2,7 +2,8 @@
 
 A :class:`Runtime` is made on the generation thread after loading and used
 only there: the model, the tokenizer, the MLX stream, the command queue the
-event loop submits jobs through, and the stop flag.
+event loop submits jobs through, the stop flag, the prefill pacer and the
+inter-token gap window (both of which the event loop may read).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from provider.engine import EngineError
 from provider.engine.job import GenerationJob, RequestStats, StepKind
+from provider.engine.pacing import GapWindow, PrefillPacer
 from provider.engine.sampling import Sampler, make_sampler
 
 log = logging.getLogger("mlx_provider.engine")
@@ -29,7 +31,9 @@ class Runtime:
     """The generation thread's state and settings (see the module docstring).
 
     ``commands`` carries jobs, and ``None`` for "stop"; ``hook()`` returns
-    the current step hook (tests may set it at any time).
+    the current step hook (tests may set it at any time). ``pacer`` sizes
+    prefill chunks (``prefill_step_size`` is its upper bound); ``gaps``
+    collects every request's inter-token gaps.
     """
 
     model: Any
@@ -44,6 +48,8 @@ class Runtime:
     prefill_step_size: int
     record_token_ids: bool
     hook: Callable[[], StepHook | None]
+    pacer: PrefillPacer
+    gaps: GapWindow
 
     def take_commands(self, *, block: bool) -> list[GenerationJob | None]:
         """Everything queued now; with ``block``, wait for at least one item."""
@@ -71,6 +77,7 @@ class Runtime:
             eos_mask=self.eos_mask,
         )
         job.record_tokens = self.record_token_ids
+        job.gaps = self.gaps
 
     def step_done(self, job: GenerationJob, kind: StepKind) -> None:
         hook = self.hook()

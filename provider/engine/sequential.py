@@ -1,10 +1,13 @@
 """The sequential scheduler (``max_concurrency == 1``): one request at a time.
 
-Requests run in arrival order through :func:`mlx_lm.generate.generate_step`
-(the ``stream_generate`` path). Cancellation is checked before every decode
-step and, during prefill, after every chunk of ``prefill_step_size`` tokens;
-requests waiting behind the running one are swept at the same points, so a
-cancelled waiter ends at once.
+Requests run in arrival order. The prompt is prefilled here, one time slice
+at a time (:mod:`.prefill`: each chunk sized to take about
+``prefill_slice_ms``, at most ``prefill_step_size`` tokens), then
+:func:`mlx_lm.generate.generate_step` (the ``stream_generate`` path) takes
+the filled cache and the last prompt token and decodes. Cancellation is
+checked before every decode step and after every prefill chunk, so within
+one slice; requests waiting behind the running one are swept at the same
+points, so a cancelled waiter ends at once.
 """
 
 from __future__ import annotations
@@ -14,13 +17,10 @@ from collections import deque
 
 from provider.engine import EngineError
 from provider.engine.job import GenerationJob
+from provider.engine.prefill import Prefill, fill_chunk
 from provider.engine.runtime import Runtime
 
 log = logging.getLogger("mlx_provider.engine")
-
-
-class _Cancelled(Exception):
-    """Raised from the prefill progress callback to abandon a prompt between chunks."""
 
 
 def serve_sequential(rt: Runtime) -> None:
@@ -53,25 +53,30 @@ def _sweep(rt: Runtime, pending: deque[GenerationJob], *, block: bool = False) -
 def _run_one(rt: Runtime, job: GenerationJob, pending: deque[GenerationJob]) -> None:
     import mlx.core as mx
     from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
 
-    def progress(done: int, total: int) -> None:
-        if 0 < done < total:
-            job.stats.prefill_chunks += 1
-            rt.step_done(job, "prefill")
-        _sweep(rt, pending)
-        if job.cancel.is_set() or rt.stopping.is_set():
-            raise _Cancelled
+    def stopped() -> bool:
+        return job.cancel.is_set() or rt.stopping.is_set()
 
     try:
         rt.start(job)
+        fill = Prefill(job, make_prompt_cache(rt.model))
+        _sweep(rt, pending)
+        while not fill.filled and not stopped():
+            fill_chunk(rt, fill)
+            _sweep(rt, pending)
+        if stopped():
+            job.finish("cancelled")
+            rt.finished(job)
+            return
         steps = generate_step(
-            mx.array(job.prompt),
+            mx.array(job.prompt[fill.done :]),
             rt.model,
             rt.stream,
             max_tokens=job.max_tokens,
             sampler=job.sampler,
+            prompt_cache=fill.cache,
             prefill_step_size=rt.prefill_step_size,
-            prompt_progress_callback=progress,
         )
         try:
             for token, _ in steps:
@@ -79,13 +84,11 @@ def _run_one(rt: Runtime, job: GenerationJob, pending: deque[GenerationJob]) -> 
                     break
                 rt.step_done(job, "decode")
                 _sweep(rt, pending)
-                if job.cancel.is_set() or rt.stopping.is_set():
+                if stopped():
                     job.finish("cancelled")
                     break
         finally:
             steps.close()
-    except _Cancelled:
-        job.finish("cancelled")
     except Exception as exc:
         log.exception("%s: generation failed", job.request_id)
         job.fail(EngineError("error_internal", f"generation failed: {exc}"))
