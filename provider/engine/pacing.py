@@ -6,9 +6,10 @@ fixed token count (``prefill_step_size``) takes whatever time it takes: 512
 tokens are a fraction of a second for a small model on a GPU and tens of
 seconds for a large one (or on a CPU), and every running stream freezes that
 long. So chunks are sized by time instead: :class:`PrefillPacer` measures
-how long chunks of each size take (an exponential moving average of seconds
-per token, per power-of-two size bucket) and picks the largest chunk that
-the measurements say fits the slice (:func:`chunk_for_budget`);
+how long chunks of each size take (seconds per token, per power-of-two size
+bucket: the median of the bucket's latest measurements, so one chunk slowed
+down by another process does not shrink the next ones) and picks the largest
+chunk that the measurements say fits the slice (:func:`chunk_for_budget`);
 ``prefill_step_size`` stays the upper bound.
 
 :class:`GapWindow` keeps the last inter-token gaps of every request, so
@@ -22,12 +23,13 @@ the schedulers time the chunks and report them.
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 from collections import deque
 from collections.abc import Mapping
 
-#: Weight of the newest measurement in a bucket's moving average.
-EMA_ALPHA = 0.25
+#: How many of a bucket's latest measurements its rate is the median of.
+RATE_WINDOW = 5
 #: How many inter-token gaps :class:`GapWindow` keeps (all requests together).
 GAP_WINDOW = 2048
 
@@ -78,14 +80,17 @@ class PrefillPacer:
     plain attributes that are replaced, never mutated in place.
     """
 
-    def __init__(self, slice_s: float | None, max_chunk: int, *, alpha: float = EMA_ALPHA) -> None:
+    def __init__(
+        self, slice_s: float | None, max_chunk: int, *, window: int = RATE_WINDOW
+    ) -> None:
         if max_chunk < 1:
             raise ValueError("max_chunk must be >= 1")
         self.slice_s = slice_s if slice_s else None
         self.max_chunk = max_chunk
-        self.alpha = alpha
-        #: Seconds per token by size bucket (moving averages).
+        #: Seconds per token by size bucket: the median of the bucket's samples.
         self.rates: dict[int, float] = {}
+        self._samples: dict[int, deque[float]] = {}
+        self._window = window
         #: The size of the latest chunk chosen (None before the first).
         self.last_chunk: int | None = None
         #: Prefill tokens per second measured for chunks of that size (None before).
@@ -112,13 +117,13 @@ class PrefillPacer:
         return n
 
     def record(self, tokens: int, seconds: float) -> None:
-        """Fold the time one chunk of ``tokens`` took into its bucket's average."""
+        """Add the time one chunk of ``tokens`` took to its bucket's measurements."""
         if tokens < 1 or seconds <= 0:
             return
         k = size_bucket(tokens)
-        rate = seconds / tokens
-        old = self.rates.get(k)
-        self.rates[k] = rate if old is None else old + self.alpha * (rate - old)
+        samples = self._samples.setdefault(k, deque(maxlen=self._window))
+        samples.append(seconds / tokens)
+        self.rates[k] = statistics.median(samples)
         self.tokens_per_s = tokens / seconds
 
 

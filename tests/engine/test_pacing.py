@@ -67,12 +67,15 @@ def test_pacer_seeds_from_decode_speed_only_before_measuring() -> None:
     assert pacer.rates[0] == 0.030
 
 
-def test_pacer_moving_average() -> None:
-    pacer = PrefillPacer(0.1, 512, alpha=0.25)
-    pacer.record(4, 0.4)  # 0.1 s a token
-    pacer.record(5, 1.0)  # 0.2 s a token, same bucket
-    assert pacer.rates[2] == pytest.approx(0.1 + 0.25 * (0.2 - 0.1))
-    assert pacer.tokens_per_s == pytest.approx(5.0)
+def test_a_buckets_rate_is_the_median_of_its_latest_measurements() -> None:
+    pacer = PrefillPacer(0.1, 512, window=5)
+    for seconds in (0.4, 0.4, 4.0, 0.4):  # 4-token chunks; one slowed down 10x
+        pacer.record(4, seconds)
+    assert pacer.rates[2] == pytest.approx(0.1)  # the outlier does not move it
+    assert pacer.tokens_per_s == pytest.approx(10.0)  # the latest chunk's speed
+    for _ in range(3):
+        pacer.record(5, 1.0)  # the machine got slower for good: 0.2 s a token
+    assert pacer.rates[2] == pytest.approx(0.2)
     pacer.record(0, 1.0)
     pacer.record(3, 0.0)
     assert set(pacer.rates) == {2}  # nothing learned from empty or untimed chunks
