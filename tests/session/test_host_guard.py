@@ -4,7 +4,10 @@ a real host reader (over a /proc and /sys tree the test rewrites) and the stub."
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,8 @@ import aiohttp
 
 from coordinator_stub.app import CoordinatorStub
 from provider.agent import Agent
-from provider.host.sensors import HostReader
+from provider.host.hardware import HardwareFacts
+from provider.host.sensors import HostReader, HostSample
 
 from ..host import fixtures as fx
 from ..host.wire_rules import (
@@ -170,3 +174,31 @@ def test_restart_count_persists_next_to_the_config(tmp_path: Path) -> None:
     counts = [Agent(config, ScriptedEngine(), config_path=path).restart_count for _ in range(3)]
     assert counts == [0, 1, 2]
     assert Agent(config, ScriptedEngine()).restart_count == 0  # no config file: not counted
+
+
+async def test_heartbeats_never_wait_for_a_stuck_host_reading(stub: CoordinatorStub) -> None:
+    release = threading.Event()
+
+    class Stuck:
+        def hardware(self) -> HardwareFacts:
+            return HardwareFacts(cpu_cores=2)
+
+        def sample(self) -> HostSample:
+            release.wait(30)  # e.g. a command that hangs until its timeout
+            return HostSample(observed_at=time.time())
+
+    try:
+        async with running(provider_config(stub, **FAST), host_reader=Stuck()) as run:
+            await stub.wait_provider_state(PID, "ready", timeout=10)
+            start = time.monotonic()
+            await asyncio.sleep(4)
+            beats = [f for f in stub.frames_received(PID, "heartbeat") if f.time >= start]
+            assert len(beats) >= 3
+            gaps = [b.time - a.time for a, b in itertools.pairwise(beats)]
+            assert max(gaps) <= 2.0, gaps
+            # No reading yet: telemetry still goes out, with the unknowns as the wire wants.
+            telemetry = json.loads(beats[-1].raw)["safety_telemetry"]
+            assert check_safety_telemetry(json.loads(beats[-1].raw)) == []
+            assert telemetry["memory_pressure"] == "normal" and run.agent.host.latest is None
+    finally:
+        release.set()
