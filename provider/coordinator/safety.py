@@ -16,6 +16,7 @@ source do have unknowns: ``null`` and ``"unknown"``.
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
@@ -25,6 +26,11 @@ from provider.coordinator.messages import Heartbeat, SafetyTelemetry
 #: How long an observation stays valid, in ms (the official provider's value).
 VALID_FOR_MS: Final = 90_000
 _MIB: Final = 2**20
+#: What the coordinator accepts as a model identity (``modelidentity`` in Go).
+CANONICAL_ALGORITHMS: Final = frozenset(
+    {"macprovider.snapshot-manifest.v1", "macprovider.gguf-file.v1"}
+)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class Reading(Protocol):
@@ -94,8 +100,12 @@ def safety_telemetry(
     capacity_mb = heartbeat.ram_gb * 1024
     if pid is None or capacity_mb < 1 or not heartbeat.model_id:
         return None
-    outer_hash = _fits(getattr(heartbeat, "model_hash", None), 128)
-    outer_algorithm = _fits(getattr(heartbeat, "model_hash_algorithm", None), 128)
+    outer_hash = getattr(heartbeat, "model_hash", None)
+    outer_algorithm = getattr(heartbeat, "model_hash_algorithm", None)
+    if not (isinstance(outer_hash, str) and _SHA256.fullmatch(outer_hash)):
+        outer_hash = None
+    if outer_algorithm not in CANONICAL_ALGORITHMS:
+        outer_algorithm = None
     identity = {
         "coordinator_session_id": _fits(assigned_id, 256),
         "binary_version": _fits(binary_version, 32),

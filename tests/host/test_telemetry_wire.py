@@ -170,9 +170,14 @@ def test_schema_1_when_a_v2_fact_is_missing_or_invalid(missing: dict[str, Any]) 
     assert check_safety_telemetry(hb) == []
 
 
-def test_schema_1_without_the_outer_model_hash() -> None:
+def test_schema_1_without_a_valid_outer_model_hash() -> None:
     # Schema 2 must match the heartbeat's own model_hash; without one it cannot be sent.
-    for hb in (heartbeat(), heartbeat(HeartbeatWithHash, model_hash=HASH)):
+    for hb in (
+        heartbeat(),
+        heartbeat(HeartbeatWithHash, model_hash=HASH),
+        heartbeat(HeartbeatWithHash, model_hash=HASH.upper(), model_hash_algorithm=SNAPSHOT),
+        heartbeat(HeartbeatWithHash, model_hash=HASH, model_hash_algorithm="sha256"),
+    ):
         out = wire(build(hb, **V2))
         assert out["safety_telemetry"]["schema_version"] == 1
         assert check_safety_telemetry(out) == []
