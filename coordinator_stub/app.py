@@ -435,7 +435,7 @@ class CoordinatorStub:
         session = self.ws.session(provider_id)
         if session.epoch is None or not session.epoch.in_band_rekey:
             raise ValueError(f"{provider_id} has no tier-2 session with in-band rekey")
-        return await self.ws.relay.rekey(session, "request_threshold")
+        return await self.ws.relay.rekey(session, "request_threshold", force=True)
 
     async def cancel(self, request_id: str, reason: str = "cancelled_by_test") -> bool:
         """Send ``cancel_request`` for a request in flight; whether one was sent."""

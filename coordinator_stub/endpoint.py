@@ -296,11 +296,18 @@ class WebSocketSide:
         if self.faults.take_accept_then_close():
             await self._reject(conn, self.faults.accept_close_code, self.faults.accept_close_reason)
             return
+        authorization = conn.request.headers.get("Authorization")
         try:
-            token = self.credentials.check_upgrade(conn.request.headers.get("Authorization"))
+            token = self.credentials.check_upgrade(authorization)
         except CredentialRefusal as refusal:
             await self._reject(conn, refusal.code, refusal.reason)
             return
+        if token is None and authorization is not None:
+            logger.warning(
+                "malformed Authorization header accepted as tokenless (the real coordinator "
+                "closes 4005 invalid_token) remote=%s",
+                _peer(conn),
+            )
         try:
             first = await asyncio.wait_for(conn.recv(), self.config.hello_timeout_s)
         except TimeoutError:

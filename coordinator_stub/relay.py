@@ -850,16 +850,22 @@ class Relay:
         async with lock:
             pass
 
-    async def rekey(self, session: ProviderSession, reason: str = "request_threshold") -> bool:
+    async def rekey(
+        self, session: ProviderSession, reason: str = "request_threshold", *, force: bool = False
+    ) -> bool:
         """Run an in-band AEAD rekey on ``session``; whether it committed.
 
-        Waits until the session has no request in flight; new requests wait
-        for the rekey. A failure closes the session (the provider reconnects).
+        Without ``force`` nothing happens unless the epoch is spent (another
+        caller may have rekeyed it meanwhile). Waits until the session has no
+        request in flight; new requests wait for the rekey. A failure closes
+        the session (the provider reconnects).
         """
         lock = self._rekey_locks.setdefault(session.session_id, asyncio.Lock())
         async with lock:
             if session.closed or session.epoch is None:
                 return False
+            if not force and self.rekey_reason(session) is None:
+                return True
             await self.changes.wait_for(
                 lambda: not self.active(session) or session.closed,
                 timeout=self.config.request_timeout_s,

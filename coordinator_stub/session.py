@@ -193,7 +193,7 @@ class ProviderSession:
             return self._enqueue(None, data, "<binary>", None)
         try:
             decoded = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             decoded = None
         kind = decoded.get("type") if isinstance(decoded, dict) else None
         return self._enqueue(

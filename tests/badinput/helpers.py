@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -44,8 +45,15 @@ async def post_chat(
 
 
 def check_nak(case: FrameCase, frame: FrameRecord) -> None:
-    """``frame`` is the nak ``case`` must get: right type, code and mention."""
+    """``frame`` is the nak ``case`` must get: right type, code and mention.
+
+    Read from the wire when the stub's Go rules refused the nak (a control
+    character in ``in_reply_to`` is refused there, and only logged).
+    """
     nak = frame.message
+    if nak is None:
+        raw = json.loads(frame.raw)
+        nak = SimpleNamespace(in_reply_to=raw["in_reply_to"], error=SimpleNamespace(**raw["error"]))
     where = f"{case.label}: {nak!r}"[:600]
     assert frame.type == "nak", where
     assert nak.in_reply_to == case.in_reply_to, where
