@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from .app import CoordinatorStub
+from .catalog import CatalogError
 from .config import WS_PATH, StubConfig
+from .manifest import ManifestError
 
 logger = logging.getLogger("coordinator_stub.cli")
 
@@ -510,6 +512,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         return asyncio.run(run(config, args))
-    except OSError as exc:
+    except (OSError, CatalogError, ManifestError) as exc:
         logger.error("cannot start: %s", exc)
         return 2
