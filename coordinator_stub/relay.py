@@ -255,7 +255,10 @@ class Relay:
     def _encrypted(self, session: ProviderSession, envelope: Any, kind: str) -> FrameOutcome:
         epoch = session.epoch
         if epoch is None:
-            return FrameOutcome(error="encrypted frame without a tier-2 session", action="dropped")
+            # Go tries to open it and fails: the same close as a bad tag.
+            reason = "encrypted frame without a tier-2 session"
+            self._close_tier2(session, envelope.request_id, reason)
+            return FrameOutcome(error=reason, action="closed")
         try:
             aad, _ = decode_aad(envelope.enc.aad)
         except Tier2Error as exc:
