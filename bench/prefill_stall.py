@@ -20,10 +20,11 @@ gap that overlaps B's prefill (from B's request to B's first token); B's
 time to first token; aggregate tokens/s (A's and B's tokens over the time
 from A's request to the last token of either). Both requests generate exactly
 their ``max_tokens`` (EOS suppressed: ``MLX_ENGINE_IGNORE_EOS`` for the
-provider, a ``logit_bias`` for ``mlx_lm server``), and each A prompt is
-first checked to continue with text (:class:`Screen`: a random-weight model
-can repeat a token whose text never shows, which would look like a gap).
-A's length is set from a calibration (A alone and B's prefill alone on the
+provider, a ``logit_bias`` for ``mlx_lm server``). They sample at
+``--temperature`` 1 by default: greedy, a random-weight model soon repeats
+one token forever, and some tokens are pieces of a UTF-8 character whose text
+never shows, so no content event is sent and the buyer would time a "gap"
+the server never had. A's length is set from a calibration (A alone and B's prefill alone on the
 ``fixed`` side) so that A outlives B on every side; each run says whether it
 did (``a_outlived_b``) and lists A's gaps during B's prefill.
 
@@ -142,6 +143,9 @@ def measure(a: Stream, b: Stream) -> dict[str, Any]:
         "a_median_gap_ms": 1000 * median,
         "a_median_gap_alone_ms": 1000 * median_alone,
         "a_max_gap_during_b_prefill_ms": 1000 * worst_during,
+        "a_median_gap_during_b_prefill_ms": 1000 * statistics.median(during)
+        if during
+        else math.nan,
         "a_max_gap_ms": 1000 * max(a_gaps) if a_gaps else math.nan,
         "gap_ratio": worst_during / median,
         "gap_ratio_vs_alone": worst_during / median_alone,
@@ -170,12 +174,10 @@ class Scenario:
         self.b_prompts = b_prompts
         self.args = args
 
-    async def run(
-        self, http: Any, a_tokens: int, a_messages: list[dict[str, str]]
-    ) -> dict[str, Any]:
+    async def run(self, http: Any, a_tokens: int) -> dict[str, Any]:
         a_started = asyncio.Event()
         a_task = asyncio.create_task(
-            stream(http, self.url, self.body(a_messages, a_tokens), a_started)
+            stream(http, self.url, self.body(self.a_prompts.messages(), a_tokens), a_started)
         )
         await a_started.wait()
         await asyncio.sleep(self.args.b_delay)  # the scenario: B arrives 3 s into A's answer
@@ -189,48 +191,6 @@ class Scenario:
         return await stream(http, self.url, self.body(prompts.messages(), tokens), None)
 
 
-class Screen:
-    """A's prompts, each checked to continue with text (gaps are timed on text events).
-
-    A random-weight model decoding greedily soon repeats one token forever,
-    and some tokens are pieces of a UTF-8 character that never completes:
-    their text is held back, no content event is sent, and the buyer would
-    time a "gap" the server never had. So each A prompt is first run through
-    ``mlx_lm.stream_generate`` in this process for ``tokens`` tokens (EOS
-    suppressed, as on the servers) and kept only if nearly every token
-    produced text. 0 turns the check off.
-    """
-
-    def __init__(self, model: Path, prompts: relay.Prompts, tokens: int) -> None:
-        self.prompts = prompts
-        self.tokens = tokens
-        self.rejected = 0
-        if tokens:
-            from mlx_lm import load
-
-            self.model, self.tokenizer = load(str(model))
-            self.sampler = relay.greedy_without_eos(self.model, self.tokenizer)
-
-    def messages(self) -> list[dict[str, str]]:
-        from mlx_lm import stream_generate
-
-        for _ in range(50):
-            messages = self.prompts.messages()
-            if not self.tokens:
-                return messages
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            silent = sum(
-                not r.text
-                for r in stream_generate(
-                    self.model, self.tokenizer, ids, max_tokens=self.tokens, sampler=self.sampler
-                )
-            )
-            if silent <= self.tokens // 10:
-                return messages
-            self.rejected += 1
-        raise RuntimeError("no A prompt continues with text; try --screen-tokens 0")
-
-
 @contextlib.asynccontextmanager
 async def side(
     name: str, model: Path, a_prompts: relay.Prompts, b_prompts: relay.Prompts, args: Any
@@ -241,7 +201,12 @@ async def side(
             template = make()
 
             def server_body(messages: list[dict[str, str]], tokens: int) -> dict[str, Any]:
-                return {**template, "messages": messages, "max_tokens": tokens}
+                return {
+                    **template,
+                    "messages": messages,
+                    "max_tokens": tokens,
+                    "temperature": args.temperature,
+                }
 
             yield Scenario(url, server_body, a_prompts, b_prompts, args)
         return
@@ -255,7 +220,7 @@ async def side(
                 "model": model.name,
                 "messages": messages,
                 "max_tokens": tokens,
-                "temperature": 0.0,
+                "temperature": args.temperature,
                 "stream": True,
                 "stream_options": {"include_usage": True},
             }
@@ -268,7 +233,6 @@ async def bench(model: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     a_prompts = relay.Prompts(model, args.a_prompt_tokens)
     b_prompts = relay.Prompts(model, args.b_prompt_tokens)
-    screen = Screen(model, a_prompts, args.screen_tokens)
     sides = side_names(args)
     sliced = [name for name in sides if name.startswith("sliced")]
     timeout = aiohttp.ClientTimeout(total=3600)
@@ -317,9 +281,7 @@ async def bench(model: Path, args: argparse.Namespace) -> dict[str, Any]:
             results: dict[str, dict[str, Any]] = {}
             for name in order:
                 log(f"round {r + 1}/{args.rounds}: {name}")
-                # Between runs, nothing to serve meanwhile: MLX streams belong to this thread.
-                a_messages = screen.messages()
-                results[name] = await scenarios[name].run(http, a_tokens, a_messages)
+                results[name] = await scenarios[name].run(http, a_tokens)
                 log(f"  {json.dumps(rounded(results[name]))}")
             ratios = {}
             for name in sliced:
@@ -366,7 +328,7 @@ async def bench(model: Path, args: argparse.Namespace) -> dict[str, Any]:
             # Within this host's run-to-run noise (a few percent) counts as "not below".
             met["aggregate_not_below_fixed"] = ratio_medians[f"aggregate_{name}_vs_fixed"] >= 0.97
     return {
-        "calibration": calibration | {"a_prompts_rejected": screen.rejected},
+        "calibration": calibration,
         "median": rounded(medians),
         "ratios_median": rounded(ratio_medians),
         "targets_met": targets,
@@ -414,10 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--b-tokens", type=int, default=32, help="B's max_tokens")
     parser.add_argument("--a-tokens", type=int, help="A's max_tokens (default: calibrated)")
     parser.add_argument(
-        "--screen-tokens",
-        type=int,
-        default=48,
-        help="check that each A prompt continues with text for this many tokens (0: off)",
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="sampling temperature of A and B (0: greedy; see the module docstring)",
     )
     args = parser.parse_args(argv)
     unknown = {s.strip() for s in args.sides.split(",")} - set(SIDES)
@@ -442,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                 "b_prompt_tokens": args.b_prompt_tokens,
                 "b_delay_s": args.b_delay,
                 "b_tokens": args.b_tokens,
+                "temperature": args.temperature,
                 "sides": side_names(args),
             },
             "device": str(mx.default_device()),

@@ -50,8 +50,8 @@ def _add_serve(sub: Any) -> None:
         "--prefill-slice-ms",
         type=float,
         metavar="MS",
-        help="time one prefill chunk should take (default: 100 on a GPU, 250 on the CPU; "
-        "0: fixed prefill_step_size chunks)",
+        help="time one prefill chunk should take (default: 100, or 3 decode steps when "
+        "longer; 0: fixed prefill_step_size chunks)",
     )
     p.add_argument("--status-port", type=int, metavar="N", help="local status port; 0 disables")
     p.add_argument("--drain-timeout", type=float, metavar="S")

@@ -51,8 +51,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ``max_concurrency``, ``max_context_tokens`` (``None``: the model's),
     ``default_max_tokens``, ``prefill_step_size`` (the most prompt tokens
     in one prefill chunk), ``prefill_slice_ms`` (how long one prefill chunk
-    should take; ``None``: 100 ms on a GPU, 250 ms on the CPU; 0: fixed
-    ``prefill_step_size`` chunks), ``chunk_interval_ms``
+    should take; ``None``: 100 ms, or 3 of the model's decode steps when
+    that is longer; 0: fixed ``prefill_step_size`` chunks), ``chunk_interval_ms``
     (how long tokens are coalesced into one ``inference_response_chunk``
     after the first), ``drain_timeout_s`` (then what still runs is
     cancelled), ``request_timeout_s`` (a request running longer ends

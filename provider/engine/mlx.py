@@ -57,11 +57,12 @@ log = logging.getLogger("mlx_provider.engine")
 
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_PREFILL_STEP_SIZE = 512
-#: Prefill slice on a GPU (Metal): a stall of 100 ms is not seen in a stream of text.
-GPU_PREFILL_SLICE_MS = 100.0
-#: Prefill slice on the CPU, where a decode step alone takes tens of milliseconds
-#: (see docs/benchmarks.md for how the two budgets trade off).
-CPU_PREFILL_SLICE_MS = 250.0
+#: The default prefill slice: a stall of 100 ms is hardly seen in a stream of text...
+DEFAULT_PREFILL_SLICE_MS = 100.0
+#: ... but a slice much shorter than a decode step starves the newcomer: with
+#: chunks of s and decode steps of d, its prefill takes (1 + d/s) times as long.
+#: So the default is at least this many decode steps (docs/benchmarks.md).
+SLICE_DECODE_STEPS = 3
 DEFAULT_WARMUP_TOKENS = 16
 #: Environment variable that turns ``ignore_eos`` on when the constructor leaves it None.
 IGNORE_EOS_ENV = "MLX_ENGINE_IGNORE_EOS"
@@ -91,8 +92,9 @@ class MlxEngine:
         prefill_slice_ms: how long one prefill chunk should take (the engine
             sizes chunks from the prefill speed it measures). Running streams
             get a decode step, and cancels are looked at, between chunks.
-            None (default): 100 ms on a GPU, 250 ms on the CPU. 0: no time
-            slicing, every chunk is ``prefill_step_size`` tokens.
+            None (default): 100 ms, or 3 decode steps (from the decode speed
+            measured at load) when that is longer. 0: no time slicing,
+            every chunk is ``prefill_step_size`` tokens.
         prefill_step_size: the most prompt tokens in one prefill chunk
             (default 512).
 
@@ -539,8 +541,7 @@ class MlxEngine:
         )
         slice_ms = self.prefill_slice_ms
         if slice_ms is None:
-            on_gpu = mx.default_device().type == mx.DeviceType.gpu
-            slice_ms = GPU_PREFILL_SLICE_MS if on_gpu else CPU_PREFILL_SLICE_MS
+            slice_ms = default_slice_ms(tps)
         self._pacer.slice_s = slice_ms / 1000.0 or None
         if tps > 0:
             self._pacer.seed(1.0 / tps)
@@ -562,3 +563,10 @@ class MlxEngine:
             tps,
         )
         return info
+
+
+def default_slice_ms(decode_tps: float) -> float:
+    """The prefill slice when none is configured: 100 ms, or 3 decode steps if longer."""
+    if decode_tps <= 0:
+        return DEFAULT_PREFILL_SLICE_MS
+    return max(DEFAULT_PREFILL_SLICE_MS, SLICE_DECODE_STEPS * 1000.0 / decode_tps)

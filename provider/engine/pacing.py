@@ -30,6 +30,8 @@ from collections.abc import Mapping
 
 #: How many of a bucket's latest measurements its rate is the median of.
 RATE_WINDOW = 5
+#: A size never timed is tried once if it should take at most this many budgets.
+PROBE_OVERSHOOT = 1.5
 #: How many inter-token gaps :class:`GapWindow` keeps (all requests together).
 GAP_WINDOW = 2048
 
@@ -49,21 +51,29 @@ def chunk_for_budget(seconds_per_token: Mapping[int, float], budget_s: float, li
     per-call overhead), or above it when there is none below. Only one
     bucket above the largest measured one is tried, so the chosen size at
     most doubles beyond what has been timed: a rate taken from small chunks
-    does not send a huge one through on trust. With nothing measured the
-    answer is 1 token.
+    does not send a huge one through on trust.
+
+    Borrowing is pessimistic where a pass has a fixed cost (a 1-token pass
+    can cost more per token than a 2-token one: on this CPU it takes
+    another matrix-vector path), so the smallest size of that bucket is
+    tried once, to be measured, when the borrowed rate says it would take
+    at most :data:`PROBE_OVERSHOOT` times the budget. With nothing measured
+    the answer is 1 token.
     """
     limit = max(1, limit)
     if limit == 1 or not seconds_per_token or budget_s <= 0:
         return 1
     measured = sorted(seconds_per_token)
-    highest = min(size_bucket(limit), measured[-1] + 1)
-    for k in range(highest, -1, -1):
+    explore = measured[-1] + 1
+    for k in range(min(size_bucket(limit), explore), -1, -1):
         below = [m for m in measured if m <= k]
         rate = seconds_per_token[below[-1] if below else measured[0]]
         lo, hi = 1 << k, min(limit, (2 << k) - 1)
         n = hi if rate <= 0 else min(hi, math.floor(budget_s / rate))
         if n >= lo:
             return n
+        if k == explore and lo * rate <= PROBE_OVERSHOOT * budget_s:
+            return lo
     return 1
 
 

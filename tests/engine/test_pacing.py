@@ -26,17 +26,31 @@ def test_nothing_measured_means_one_token() -> None:
 def test_the_largest_chunk_that_fits_its_measured_bucket() -> None:
     # 64-127 token chunks measured at 1 ms a token; 16-31 at 2 ms.
     rates = {4: 0.002, 6: 0.001}
-    assert chunk_for_budget(rates, 0.100, 512) == 100  # bucket 6: 100 tokens x 1 ms
+    assert chunk_for_budget(rates, 0.080, 512) == 80  # bucket 6: 80 tokens x 1 ms
     # 50 ms: 50 tokens at 1 ms is too few for bucket 6; bucket 5 (never
     # measured) borrows bucket 4's 2 ms, and 25 tokens is too few for it too.
     assert chunk_for_budget(rates, 0.050, 512) == 25
     assert chunk_for_budget(rates, 0.040, 512) == 20
 
 
+def test_a_size_never_timed_is_probed_once_when_it_may_fit() -> None:
+    # One token alone costs 130 ms (a fixed cost per pass), so at 130 ms a
+    # token two would not fit a 250 ms budget; but that rate is pessimistic
+    # for two, so two tokens are tried (at most 1.5 budgets if it were right).
+    assert chunk_for_budget({0: 0.130}, 0.250, 512) == 2
+    assert chunk_for_budget({0: 0.200}, 0.250, 512) == 1  # 400 ms: too far over
+    # Once measured, the bucket's own rate decides.
+    assert chunk_for_budget({0: 0.130, 1: 0.100}, 0.250, 512) == 2
+    assert chunk_for_budget({0: 0.130, 1: 0.140}, 0.250, 512) == 1
+    # 100 tokens fit bucket 6's 1 ms; 128 (bucket 7, never timed) is probed.
+    assert chunk_for_budget({4: 0.002, 6: 0.001}, 0.100, 512) == 128
+
+
 def test_a_chunk_grows_at_most_one_bucket_beyond_what_was_timed() -> None:
     # A very fast 1-token measurement does not send 512 tokens through on trust.
     assert chunk_for_budget({0: 1e-6}, 0.1, 512) == 3
     assert chunk_for_budget({0: 1e-6, 1: 1e-6}, 0.1, 512) == 7
+    assert chunk_for_budget({k: 1e-6 for k in range(5)}, 0.1, 512) == 63
 
 
 def test_the_limit_bounds_every_chunk() -> None:
@@ -88,6 +102,7 @@ def test_a_buckets_rate_is_the_median_of_its_latest_measurements() -> None:
         (0.020, 0.0018, 0.100, 44),  # a GPU: a fixed cost per pass, then cheap tokens
         (0.001, 0.0001, 0.100, 512),  # fast: capped at the step size
         (0.200, 0.010, 0.100, 1),  # one token alone is over the budget
+        (0.060, 0.070, 0.250, 2),  # a fixed cost that makes one token look slow
     ],
 )
 def test_pacer_converges_to_what_fits_the_slice(
@@ -101,8 +116,11 @@ def test_pacer_converges_to_what_fits_the_slice(
         sizes.append(n)
         pacer.record(n, fixed_s + per_token_s * n)
     assert sizes[-1] == expected
-    # It never overshoots: a chunk is tried only when the measurements say it fits.
-    assert all(fixed_s + per_token_s * n <= budget_s for n in sizes if n > 1)
+    # Over the budget only to probe a size bucket never timed: at most 1.5
+    # budgets, once a bucket.
+    over = [n for n in sizes if n > 1 and fixed_s + per_token_s * n > budget_s]
+    assert all(fixed_s + per_token_s * n <= 1.5 * budget_s for n in over)
+    assert len({size_bucket(n) for n in over}) == len(over)
     # And it gets there fast: sizes at most double from one chunk to the next.
     assert all(b <= 2 * a + 1 for a, b in itertools.pairwise(sizes))
     assert sizes[10] >= 0.9 * expected  # within 10% after 10 chunks

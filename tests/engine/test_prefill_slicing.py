@@ -17,12 +17,7 @@ import threading
 import pytest
 
 from provider.engine import TokenBatch
-from provider.engine.mlx import (
-    CPU_PREFILL_SLICE_MS,
-    GPU_PREFILL_SLICE_MS,
-    MlxEngine,
-    RequestStats,
-)
+from provider.engine.mlx import MlxEngine, RequestStats, default_slice_ms
 from tests.engine.conftest import MakeEngine
 from tests.engine.helpers import chat, collect, text_of
 
@@ -152,11 +147,13 @@ async def test_timings_report_inter_token_latency_and_the_slice(make_engine: Mak
     assert t.prefill_tokens_per_s is not None and t.prefill_tokens_per_s > 0
 
 
-async def test_the_default_slice_depends_on_the_device(make_engine: MakeEngine) -> None:
-    import mlx.core as mx
-
+async def test_the_default_slice_is_100ms_or_3_decode_steps(make_engine: MakeEngine) -> None:
+    assert default_slice_ms(1000.0) == 100.0  # a fast model: 3 steps are 3 ms
+    assert default_slice_ms(7.0) == pytest.approx(428.6, abs=0.1)  # SmolLM2 on this CPU
+    assert default_slice_ms(0.0) == 100.0  # nothing measured
     engine: MlxEngine = await make_engine()
     assert engine.prefill_slice_ms is None
-    on_gpu = mx.default_device().type == mx.DeviceType.gpu
-    expected = GPU_PREFILL_SLICE_MS if on_gpu else CPU_PREFILL_SLICE_MS
-    assert engine.timings().prefill_slice_s == expected / 1000
+    info = engine.info
+    assert info is not None
+    expected = default_slice_ms(info.throughput_tps_estimate)
+    assert engine.timings().prefill_slice_s == pytest.approx(expected / 1000, rel=0.05)
