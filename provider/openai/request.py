@@ -324,9 +324,9 @@ class ChatCompletionRequest(_Strict, kw_only=True):
     tools: Annotated[list[Tool], Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    reasoning_effort: (
-        Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None
-    ) = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = (
+        None
+    )
     # Identifiers and cache hints: no effect on the answer by their definition.
     user: Str512 | None = None
     safety_identifier: Str512 | None = None

@@ -25,9 +25,15 @@ MAX_SCHEMA_BYTES: Final = 64 * 1024
 #: The schema of ``response_format: json_object``: any JSON object.
 JSON_OBJECT_SCHEMA: Final[dict[str, Any]] = {"type": "object"}
 
-#: llguidance options for every schema: JSON as models write it (any
-#: whitespace), nothing silently widened.
-_JSON_OPTIONS: Final[dict[str, Any]] = {"whitespace_flexible": True, "lenient": False}
+#: How constrained JSON is written: as ``json.dumps`` writes it (the spacing
+#: models learned), with no free whitespace, so a weak model cannot wander
+#: off into endless blank lines; unsupported keywords are errors (not lenient).
+JSON_STYLE: Final[dict[str, Any]] = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+    "lenient": False,
+}
 
 
 def check_schema(schema: dict[str, Any] | None) -> None:
@@ -55,11 +61,16 @@ def check_schema(schema: dict[str, Any] | None) -> None:
         raise ValueError(f"`schema` cannot be enforced: {error}")
 
 
+def json_rule(schema: dict[str, Any]) -> str:
+    """An llguidance Lark expression for one JSON document matching ``schema``."""
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE})
+
+
 def schema_grammar(schema: dict[str, Any]) -> str:
     """The llguidance grammar of JSON documents matching ``schema``."""
     import llguidance
 
-    return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
+    return llguidance.LLMatcher.grammar_from_lark("start: " + json_rule(schema))
 
 
 def json_schema_of(request: Any) -> dict[str, Any] | None:
@@ -87,9 +98,7 @@ class Verdict:
     retryable: bool = False
 
 
-def judge_output(
-    text: str, schema: dict[str, Any], *, finish_reason: str | None
-) -> Verdict | None:
+def judge_output(text: str, schema: dict[str, Any], *, finish_reason: str | None) -> Verdict | None:
     """None when ``text`` is JSON matching ``schema``, else what is wrong with it."""
     import jsonschema
 
@@ -110,7 +119,9 @@ def judge_output(
         return Verdict(
             "malformed_json_response", f"the output is not valid JSON: {exc}", retryable=True
         )
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(schema).iter_errors(value)
+    )
     if error is not None:
         return Verdict(
             "json_schema_validation_failed",
