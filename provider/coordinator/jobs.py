@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 
 from provider.coordinator.messages import EndStatus, InferenceResponseChunk, InferenceResponseEnd
 from provider.engine import Engine, EngineError, TokenBatch
-from provider.openai.completions import CompletionFormatter, make_usage
+from provider.openai.completions import CompletionFormatter, Output, make_usage
 from provider.openai.request import ChatCompletionRequest
-from provider.openai.response import Usage
+from provider.openai.response import ToolCallOut, Usage
+from provider.openai.structured import json_schema_of, judge_output
 
 log = logging.getLogger("mlx_provider.jobs")
 
@@ -62,6 +63,9 @@ class Job:
     first_token_at: float | None = None
     finished_at: float | None = None
     task: asyncio.Task[None] | None = None
+    #: The tool calls delivered to the buyer, in order (None: none yet), each
+    #: with its id, ``type: function``, name and raw arguments string.
+    tool_calls: list[ToolCallOut] | None = None
 
     def request_cancel(self, reason: str) -> None:
         if self.cancel_reason is None:
@@ -123,10 +127,17 @@ async def relay(
     20); text that arrives sooner waits, at most until ``chunk_interval`` has
     passed. ``clock`` (default :func:`time.monotonic`) times the flushes.
     """
-    fmt = CompletionFormatter(job.request_id, model_id, include_usage=request.include_usage())
+    fmt = CompletionFormatter(
+        job.request_id,
+        model_id,
+        include_usage=request.include_usage(),
+        logprobs=request.top_logprobs_n() is not None,
+        obfuscation=request.include_obfuscation(),
+    )
+    schema = json_schema_of(request)
     stream = engine.generate(request, job.cancel)
-    pending = ""
-    text_parts: list[str] = []
+    pending = Output()
+    whole = Output()  # everything, for a non-streaming answer and the JSON check
     last_flush = 0.0
     due = chunk_interval * (1.0 - FLUSH_SLACK)
     final: TokenBatch | None = None
@@ -140,11 +151,11 @@ async def relay(
             await send(chunk)
 
     async def flush() -> None:
-        nonlocal pending, last_flush
+        nonlocal last_flush
         first = job.first_token_at is None
         if first:
             job.first_token_at = time.monotonic()
-        data, pending = fmt.stream_delta(pending, first=first), ""
+        data = fmt.stream_delta(pending.take(), first=first)
         last_flush = clock()
         await emit(data)
 
@@ -173,20 +184,25 @@ async def relay(
                 raise EngineError("error_internal", "engine ended without a finish") from None
             job.prompt_tokens = batch.prompt_tokens
             job.completion_tokens = batch.completion_tokens
+            pieces = dict(
+                reasoning=batch.reasoning, tool_calls=batch.tool_calls, logprobs=batch.logprobs
+            )
+            whole.add(batch.text, **pieces)
+            if batch.tool_calls:
+                job.tool_calls = [*(job.tool_calls or []), *batch.tool_calls]
             if batch.finish_reason is not None:
                 final = batch
-                pending += batch.text
+                pending.add(batch.text, **pieces)
                 break
-            if not batch.text and job.first_token_at is not None:
+            new = batch.text or batch.reasoning or batch.tool_calls or batch.logprobs
+            if not new and job.first_token_at is not None:
                 continue
             if job.stream:
-                pending += batch.text
+                pending.add(batch.text, **pieces)
                 if job.first_token_at is None or clock() - last_flush >= due:
                     await flush()
-            else:
-                if job.first_token_at is None:
-                    job.first_token_at = time.monotonic()
-                text_parts.append(batch.text)
+            elif job.first_token_at is None:
+                job.first_token_at = time.monotonic()
     except EngineError as exc:
         return Outcome(exc.status, str(exc), exc.retryable)
     finally:
@@ -200,11 +216,19 @@ async def relay(
             return Outcome("provider_timeout", "the request ran past its deadline", True)
         return Outcome("cancelled", job.cancel_reason)
     usage = job.usage()
+    verdict = None
+    if schema is not None and not whole.tool_calls:
+        verdict = judge_output(whole.text, schema, finish_reason=final.finish_reason)
+    if verdict is not None:
+        # The stream (if any) ends without a finish or [DONE]: the end frame's
+        # status says what is wrong, and the coordinator tells the buyer.
+        if job.stream and pending:
+            await emit(fmt.stream_delta(pending.take(), first=job.chunks_sent == 0), last=True)
+        return Outcome(verdict.status, verdict.message, verdict.retryable)
     if job.stream:
         data = fmt.stream_end(pending, final.finish_reason, usage, first=job.chunks_sent == 0)
     else:
-        text_parts.append(pending)
-        data = fmt.completion("".join(text_parts), final.finish_reason, usage)
+        data = fmt.completion(whole, final.finish_reason, usage)
     await emit(data, last=True)
     return Outcome("complete")
 
