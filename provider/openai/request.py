@@ -314,7 +314,7 @@ class ChatCompletionRequest(_Strict, kw_only=True):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Meta(ge=1, le=1)] | None = None
+    n: Annotated[int, Meta(ge=1, le=1)] | None = 1
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[int, Meta(ge=-100, le=100)]] | None = None
@@ -578,6 +578,7 @@ _request_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 
 _UNKNOWN_RE = re.compile(r"^Object contains unknown field `([^`]*)`(?: - at `\$\.?([^`]*)`)?$")
 _PATH_RE = re.compile(r" - at `\$\.?([^`]*)`$")
+_PART_TYPE_RE = re.compile(r"^(.*content part.*type.*) - at `\$\.([^`]*content\[\d+\])`$", re.S)
 
 
 class BadRequest(ValueError):
@@ -594,6 +595,9 @@ def _explain(message: str) -> str:
             f"unrecognized request field `{path}`: this provider does not know it and "
             f"refuses it rather than ignore it - at `$.{path}`"
         )
+    part = _PART_TYPE_RE.match(message)
+    if part:  # a content part's own check: it is about its `type`
+        return f"{part.group(1)} - at `$.{part.group(2)}.type`"
     path = _PATH_RE.search(message)
     if path:
         top = re.split(r"[.\[]", path.group(1), maxsplit=1)[0]
