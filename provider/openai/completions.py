@@ -172,7 +172,7 @@ class CompletionFormatter:
         message = ChoiceMessage(content=out.text)
         if out.tool_calls:
             message.tool_calls = out.tool_calls
-            if not out.text:
+            if not out.text.strip():  # the newlines around calls are not an answer
                 message.content = None
         if out.reasoning:
             message.reasoning_content = out.reasoning
