@@ -43,7 +43,7 @@ from provider.engine.loading import (
     model_hash,
 )
 from provider.engine.runtime import Runtime
-from provider.engine.sampling import TokenTable, token_table
+from provider.engine.sampling import TokenTable
 from provider.engine.sequential import serve_sequential
 from provider.engine.text import encode_chat
 from provider.openai.request import ChatCompletionRequest, ChatMessage
@@ -162,6 +162,7 @@ class MlxEngine:
         self._eos_mask: Any = None
         self._context_tokens = 0
         self._vocab_size = 0
+        self._table: TokenTable | None = None
 
     # -- Engine protocol -----------------------------------------------------
 
@@ -334,11 +335,15 @@ class MlxEngine:
         return prompt, options
 
     def _token_table(self) -> TokenTable:
-        return token_table(
-            self._tokenizer._tokenizer,
-            vocab_size=self._vocab_size,
-            eos_token_ids=self._tokenizer.eos_token_ids,
-        )
+        """The model's token table, built by the first request that needs it (in the
+        tokenizing executor, so one at a time), then shared read-only."""
+        if self._table is None:
+            self._table = TokenTable(
+                self._tokenizer._tokenizer,
+                vocab_size=self._vocab_size,
+                eos_token_ids=self._tokenizer.eos_token_ids,
+            )
+        return self._table
 
     def _encode_text(self, text: str) -> list[int]:
         return self._encode(

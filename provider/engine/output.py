@@ -21,7 +21,6 @@ import json
 import logging
 import secrets
 import string
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,22 +53,6 @@ class Pieces:
         self.tool_calls.extend(other.tool_calls)
 
 
-_machines: dict[int, Any] = {}
-_machines_lock = threading.Lock()
-
-
-def _machine(tokenizer: Any) -> Any:
-    """mlx-lm's text state machine for ``tokenizer`` (immutable: built once, shared)."""
-    from mlx_lm.generate import make_text_state_machine
-
-    with _machines_lock:
-        sm = _machines.get(id(tokenizer))
-        if sm is None:
-            sm = make_text_state_machine(tokenizer)
-            _machines[id(tokenizer)] = sm
-        return sm
-
-
 def initial_state(tokenizer: Any, prompt: list[int]) -> str:
     """``reasoning`` when the prompt leaves the model inside a think block, else ``normal``.
 
@@ -97,14 +80,16 @@ class OutputParser:
         tools: list[dict[str, Any]] | None,
         parallel: bool = True,
     ) -> None:
-        from mlx_lm.generate import TextStateMachine
+        from mlx_lm.generate import TextStateMachine, make_text_state_machine
 
         self._sm = TextStateMachine
         self._tokenizer = tokenizer
         self._tools = tools
         self._names = {t["function"]["name"] for t in tools or ()}
         self._parallel = parallel
-        self._state = _machine(tokenizer).make_state(initial_state(tokenizer, prompt))
+        # Building the machine costs a few microseconds: one per request, nothing shared.
+        machine = make_text_state_machine(tokenizer)
+        self._state = machine.make_state(initial_state(tokenizer, prompt))
         self._current = self._state[0]
         self._tool_text = ""
         self.calls = 0

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -194,20 +193,6 @@ class TokenTable:
         if len(ids) == 1 and self.ll.is_special_token(ids[0]):
             return f"<[{ids[0]}]>"
         return None
-
-
-_tables: dict[int, TokenTable] = {}
-_tables_lock = threading.Lock()
-
-
-def token_table(hf_tokenizer: Any, *, vocab_size: int, eos_token_ids: Sequence[int]) -> TokenTable:
-    """The :class:`TokenTable` of ``hf_tokenizer``, built on first use and kept."""
-    with _tables_lock:
-        table = _tables.get(id(hf_tokenizer))
-        if table is None or table.vocab_size != vocab_size:
-            table = TokenTable(hf_tokenizer, vocab_size=vocab_size, eos_token_ids=eos_token_ids)
-            _tables[id(hf_tokenizer)] = table
-        return table
 
 
 # -- constrained decoding ------------------------------------------------------------------
