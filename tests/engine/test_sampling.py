@@ -137,3 +137,21 @@ async def test_cancel_stops_a_constrained_generation_within_a_step(
     stats = next(reversed(engine.last_stats.values()))
     assert stats.decode_steps <= 7
     assert text_of(batches).startswith('{"s": "')
+
+
+async def test_chat_template_kwargs_reach_the_template(tiny_model_dir: Any, tmp_path: Any) -> None:
+    from provider.testing.model import CHAT_TEMPLATE
+    from provider.testing.templates import with_chat_template
+
+    template = "{% if persona %}{{ persona }}{% endif %}" + CHAT_TEMPLATE
+    path = with_chat_template(tiny_model_dir, tmp_path / "kw", template)
+    engine = MlxEngine(path)
+    try:
+        await engine.load()
+        plain = engine.count_tokens(req())
+        told = engine.count_tokens(req(chat_template_kwargs={"persona": "You are a pirate. " * 4}))
+        assert told > plain
+        with pytest.raises(ValueError, match="may not set add_generation_prompt"):
+            req(chat_template_kwargs={"add_generation_prompt": False})
+    finally:
+        await engine.close()
