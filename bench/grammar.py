@@ -16,7 +16,7 @@ xgrammar imports torch at load (``Requires-Dist: torch``, and triton on
 Linux); where torch is missing it is reported as not importable.
 
 With ``--model DIR`` the cost in real decoding is measured too: the MLX
-engine decodes the ``wide`` document greedily under its grammar, then the
+engine decodes a ``person`` document greedily under its grammar, then the
 same number of tokens unconstrained (EOS masked), in interleaved rounds;
 ``decode_tps`` of each and the ratio.
 
@@ -237,7 +237,7 @@ async def decode_cost(model: str, rounds: int) -> dict[str, Any]:
 
     engine = MlxEngine(model, max_concurrency=1, ignore_eos=True)
     await engine.load()
-    schema = SCHEMAS["wide"][0]
+    schema = SCHEMAS["person"][0]
     messages = [{"role": "user", "content": "Fill in the form."}]
     constrained = decode_chat_request(
         json.dumps(
@@ -246,7 +246,7 @@ async def decode_cost(model: str, rounds: int) -> dict[str, Any]:
                 "max_tokens": 1000,
                 "response_format": {
                     "type": "json_schema",
-                    "json_schema": {"name": "wide", "schema": schema},
+                    "json_schema": {"name": "person", "schema": schema},
                 },
             }
         )
@@ -337,6 +337,7 @@ def main() -> int:
             "tokens": len(tokens[schema_name]),
         }
     result["apply_us"] = round(apply_cost(vocab_size), 1)
+    print(json.dumps(result), file=sys.stderr, flush=True)  # survives a slow decode below
     if args.model:
         import asyncio
 
