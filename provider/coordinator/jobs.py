@@ -137,7 +137,7 @@ async def relay(
     schema = json_schema_of(request)
     stream = engine.generate(request, job.cancel)
     pending = Output()
-    whole = Output()  # everything, for a non-streaming answer and the JSON check
+    whole = Output()  # a non-streaming answer; the text a JSON check reads
     last_flush = 0.0
     due = chunk_interval * (1.0 - FLUSH_SLACK)
     final: TokenBatch | None = None
@@ -187,7 +187,10 @@ async def relay(
             pieces = dict(
                 reasoning=batch.reasoning, tool_calls=batch.tool_calls, logprobs=batch.logprobs
             )
-            whole.add(batch.text, **pieces)
+            if not job.stream:
+                whole.add(batch.text, **pieces)
+            elif schema is not None:  # a stream keeps only what the JSON check reads
+                whole.add(batch.text, tool_calls=batch.tool_calls)
             if batch.tool_calls:
                 job.tool_calls = [*(job.tool_calls or []), *batch.tool_calls]
             if batch.finish_reason is not None:
