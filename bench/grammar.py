@@ -265,13 +265,14 @@ async def decode_cost(model: str, rounds: int) -> dict[str, Any]:
             tps["plain"].append(engine.last_stats["p"].decode_tps or 0.0)
     finally:
         await engine.close()
-    g, p = statistics.median(tps["grammar"]), statistics.median(tps["plain"])
+    ratios = [g / p for g, p in zip(tps["grammar"], tps["plain"], strict=True) if p]
     return {
         "tokens": n,
         "grammar_tps": [round(x, 1) for x in tps["grammar"]],
         "plain_tps": [round(x, 1) for x in tps["plain"]],
-        "median_ratio": round(g / p, 3),
-        "per_token_overhead_us": round((1 / g - 1 / p) * 1e6, 1),
+        # Paired within a round: the load changes between rounds, not within one.
+        "ratio_per_round": [round(r, 3) for r in ratios],
+        "median_ratio": round(statistics.median(ratios), 3),
     }
 
 
