@@ -47,7 +47,7 @@ from provider.coordinator.state import StateMachine, Status
 from provider.coordinator.window import MetricsWindow
 from provider.engine import Engine
 from provider.host import hardware
-from provider.logs import add_secret
+from provider.logs import MIN_SECRET_LENGTH, add_secret
 
 log = logging.getLogger("mlx_provider.agent")
 
@@ -239,6 +239,15 @@ class Agent:
 
     def adopt_token(self, token: str) -> None:
         if token == self.token:
+            return
+        if len(token) < MIN_SECRET_LENGTH:
+            # Too short to redact from the logs; not adopted, never logged.
+            log.warning(
+                "ignoring the provider token assigned by the coordinator: %d characters, "
+                "fewer than %d",
+                len(token),
+                MIN_SECRET_LENGTH,
+            )
             return
         add_secret(token)  # before anything could log it
         if self.config_path is not None:

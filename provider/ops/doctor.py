@@ -32,6 +32,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.frames import Close
 
+from provider.config import ConfigError, check_provider_token
 from provider.coordinator.session import NoRedirectConnect
 from provider.host.service import DEFAULT_LABEL, LaunchAgent, host_platform, service_state
 from provider.logs import default_log_dir
@@ -335,6 +336,11 @@ def check_token(token: str | None, *, config_path: Path | None = None) -> CheckR
             "no provider token",
             f"set provider_token{where} (or MLX_PROVIDER_PROVIDER_TOKEN)",
         )
+    try:
+        check_provider_token(token)
+    except ConfigError as exc:
+        where = f" in {config_path}" if config_path else ""
+        return CheckResult("provider token", False, str(exc), f"fix provider_token{where}")
     return CheckResult("provider token", True, f"set ({len(token)} characters)")
 
 

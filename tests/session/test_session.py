@@ -347,9 +347,14 @@ async def test_full_provider_answers_queue_full(stub: CoordinatorStub) -> None:
 
 
 async def test_assigned_token_is_persisted_before_use(tmp_path: Path) -> None:
-    async with CoordinatorStub(stub_config(tokens=("first",), issue_provider_token=True)) as stub:
+    first_token = "ptok_first_0123456789"
+    async with CoordinatorStub(
+        stub_config(tokens=(first_token,), issue_provider_token=True)
+    ) as stub:
         cfg_file = tmp_path / "config.toml"
-        cfg_file.write_text(f'coordinator_url = "{stub.ws_url}"\nprovider_token = "first"\n')
+        cfg_file.write_text(
+            f'coordinator_url = "{stub.ws_url}"\nprovider_token = "{first_token}"\n'
+        )
         os.chmod(cfg_file, 0o600)
         config, path = load_config(
             cfg_file, overrides={"model": "scripted", "provider_id": PID, "status_port": 0}
