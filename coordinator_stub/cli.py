@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="buyer API port; 0 picks a free port",
     )
 
+    g.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="certificate chain: the provider endpoint then speaks TLS only (wss://)",
+    )
+    g.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+
     g = parser.add_argument_group("authentication")
     g.add_argument(
         "--token",

@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
+import urllib.parse
 from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol, TypeVar
 
@@ -74,6 +76,42 @@ log = logging.getLogger("mlx_provider.coordinator.session")
 T = TypeVar("T")
 
 HANDSHAKE_TIMEOUT_S = 10.0
+
+
+# OpenSSL's X509_V_ERR_* codes that have a cause a provider owner can act on.
+_CERT_EXPIRED = {9: "is not valid yet (is this machine's clock right?)", 10: "has expired"}
+_CERT_WRONG_HOST = frozenset({62, 64})  # host name, IP address mismatch
+_CERT_UNTRUSTED = frozenset({2, 18, 19, 20, 21})  # no trusted issuer, self-signed
+
+
+def tls_failure(exc: ssl.SSLError, host: str) -> str:
+    """One line naming why the TLS handshake with ``host`` failed, for logs and doctor.
+
+    The connection is refused in every case: a ``wss://`` URL is never
+    retried as ``ws://``.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code, detail = exc.verify_code, exc.verify_message
+        if code in _CERT_EXPIRED:
+            cause = f"the coordinator's certificate {_CERT_EXPIRED[code]}"
+        elif code in _CERT_WRONG_HOST:
+            cause = f"the coordinator's certificate is not for {host} (check coordinator_url)"
+        elif code in _CERT_UNTRUSTED:
+            cause = (
+                "the coordinator's certificate is not signed by a CA this machine trusts "
+                "(python.org Python on macOS: run 'Install Certificates.command'; "
+                "a private CA: point SSL_CERT_FILE at it)"
+            )
+        else:
+            cause = "the coordinator's certificate failed verification"
+        return f"TLS with {host} refused: {cause} ({detail})"
+    reason = exc.reason or str(exc)
+    if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
+        return (
+            f"TLS with {host} failed: the server did not answer in TLS ({reason}); "
+            "is that port a wss:// endpoint?"
+        )
+    return f"TLS with {host} failed: {reason}"
 
 
 class NoRedirectConnect(connect):
@@ -157,6 +195,9 @@ class Session:
             )
         except InvalidStatus as exc:
             raise ConnectionLost("refused", f"HTTP {exc.response.status_code}") from None
+        except ssl.SSLError as exc:
+            host = urllib.parse.urlsplit(cfg.coordinator_url or "").hostname or "?"
+            raise ConnectionLost("tls", tls_failure(exc, host)) from None
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             raise ConnectionLost("refused", f"{type(exc).__name__}: {exc}") from None
 
