@@ -64,17 +64,19 @@ async def heartbeat_loop(
 
 async def watchdog_loop(
     silence: Callable[[], float],
-    abort: Callable[[], None],
+    abort: Callable[[str], None],
     *,
     timeout: float,
     check_every: float = 1.0,
 ) -> None:
-    """Raise ConnectionLost("watchdog") once ``silence()`` exceeds ``timeout``."""
+    """Raise ConnectionLost("watchdog") once ``silence()`` exceeds ``timeout``.
+
+    ``abort(detail)`` is called first, to drop the connection.
+    """
     while True:
         await asyncio.sleep(min(check_every, timeout / 4))
         quiet = silence()
         if quiet > timeout:
-            abort()
-            raise ConnectionLost(
-                "watchdog", f"no completed send or inbound frame for {quiet:.1f} s"
-            )
+            detail = f"no completed send or inbound frame for {quiet:.1f} s"
+            abort(detail)
+            raise ConnectionLost("watchdog", detail)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import ssl
 import time
@@ -114,6 +115,21 @@ def tls_failure(exc: ssl.SSLError, host: str) -> str:
     return f"TLS with {host} failed: {reason}"
 
 
+class _Connection(ClientConnection):
+    """websockets' client connection, remembering why the transport was lost."""
+
+    lost_exc: BaseException | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_exc = exc
+        super().connection_lost(exc)
+
+
+def _timed_out_by_kernel(ws: ClientConnection | None) -> bool:
+    exc = getattr(ws, "lost_exc", None)
+    return isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT
+
+
 class NoRedirectConnect(connect):
     """websockets' connect, minus redirects: the token must not follow a Location."""
 
@@ -172,6 +188,9 @@ class Session:
         self.max_queue_wait_s = 0.0
         self.heartbeat_interval_s = 30
         self._abort_cause: str | None = None
+        self._abort_detail = ""
+        #: The kernel's unacknowledged-data limit on this socket, once applied.
+        self._unacked_timeout_s: float | None = None
         self._warm_up_task: asyncio.Task[None] | None = None
         self._drain_started = False
 
@@ -192,6 +211,7 @@ class Session:
                 max_size=MAX_FRAME_BYTES,
                 open_timeout=HANDSHAKE_TIMEOUT_S,
                 close_timeout=cfg.send_timeout_s,
+                create_connection=_Connection,
             )
         except InvalidStatus as exc:
             raise ConnectionLost("refused", f"HTTP {exc.response.status_code}") from None
@@ -201,9 +221,14 @@ class Session:
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             raise ConnectionLost("refused", f"{type(exc).__name__}: {exc}") from None
 
-    def abort(self, cause: str) -> None:
-        """Drop the connection at once (no close handshake); run() raises ConnectionLost."""
-        self._abort_cause = self._abort_cause or cause
+    def abort(self, cause: str, detail: str = "") -> None:
+        """Drop the connection at once (no close handshake); run() raises ConnectionLost.
+
+        The first cause wins; its ``detail`` is what the log says, whichever
+        task notices the dropped connection first.
+        """
+        if self._abort_cause is None:
+            self._abort_cause, self._abort_detail = cause, detail
         if self.ws is not None:
             self.ws.transport.abort()
 
@@ -218,7 +243,7 @@ class Session:
             pass
         code, reason = self.ws.close_code, self.ws.close_reason or ""
         if self._abort_cause:
-            raise ConnectionLost(self._abort_cause)
+            raise ConnectionLost(self._abort_cause, self._abort_detail)
         if code in FATAL_CLOSE_CODES:
             raise FatalRefusal(code, reason)
         what = CLOSE_REASONS.get(code or 0, "")
@@ -259,9 +284,11 @@ class Session:
             start(self.sender.run(), "writer")
             await self._register(list(tasks))
             tick = heartbeat_tick(self.heartbeat_interval_s)
-            harden(
+            applied = harden(
                 self.ws.transport.get_extra_info("socket"), unacked_timeout_s=watchdog_timeout(tick)
             )
+            if {"TCP_USER_TIMEOUT", "TCP_RXT_CONNDROPTIME"} & set(applied):
+                self._unacked_timeout_s = watchdog_timeout(tick)
             start(self._handle_loop(), "handler")
             start(
                 heartbeat_loop(
@@ -274,7 +301,9 @@ class Session:
             )
             start(
                 watchdog_loop(
-                    self._silence, lambda: self.abort("watchdog"), timeout=watchdog_timeout(tick)
+                    self._silence,
+                    lambda detail: self.abort("watchdog", detail),
+                    timeout=watchdog_timeout(tick),
                 ),
                 "watchdog",
             )
@@ -290,9 +319,17 @@ class Session:
                 self.registered_at is not None
                 and time.monotonic() - self.registered_at >= self.owner.stable_after_s
             )
-            raise ConnectionLost(
-                self._abort_cause or exc.cause, exc.detail, stable=stable, close_code=exc.close_code
-            ) from None
+            cause, detail = exc.cause, exc.detail
+            if self._abort_cause is not None:
+                cause, detail = self._abort_cause, self._abort_detail or exc.detail
+            if self._abort_cause is None and _timed_out_by_kernel(self.ws):
+                # Nothing we sent was acknowledged for that long: the path is
+                # dead even though our sends completed (into the kernel).
+                cause = "tcp_timeout"
+                detail = "the kernel dropped the connection: data unacknowledged"
+                if self._unacked_timeout_s is not None:
+                    detail += f" for {self._unacked_timeout_s:g} s (TCP_USER_TIMEOUT)"
+            raise ConnectionLost(cause, detail, stable=stable, close_code=exc.close_code) from None
         except FatalRefusal:
             raise
         except Exception as exc:
