@@ -2,8 +2,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+FLOORS_VENV := .venv-floors
 
-.PHONY: test demo lint install clean bench
+.PHONY: test test-floors demo lint install clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,8 +21,13 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# The fast tests (not marked slow) against the lowest declared version of
+# every direct dependency (pyproject.toml: dependencies and the dev extra).
+test-floors: $(STAMP)
+	$(BIN)/python .ci/floors.py --venv $(FLOORS_VENV)
+
 demo: $(STAMP)
 	$(BIN)/mlx-provider demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(FLOORS_VENV) .pytest_cache build *.egg-info
