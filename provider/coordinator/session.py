@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import ssl
 import time
 import urllib.parse
@@ -478,7 +479,8 @@ class Session:
     async def _run_job(self, job: Job, request: ChatCompletionRequest) -> None:
         assert self.sender is not None
         loop = asyncio.get_running_loop()
-        deadline = loop.call_later(self.owner.request_timeout_s, job.request_cancel, "deadline")
+        job.timeout_s = self.owner.request_timeout_s
+        deadline = loop.call_later(job.timeout_s, job.request_cancel, "deadline")
         outcome: Outcome | None = None
         try:
             outcome = await relay(
@@ -601,5 +603,5 @@ class Session:
         return DrainStatus(
             phase=phase,  # type: ignore[arg-type]
             inflight_requests=len(jobs),
-            estimated_drain_seconds=round(min(left, self.config.drain_timeout_s), 3),
+            estimated_drain_seconds=math.ceil(min(left, self.config.drain_timeout_s)),
         )
