@@ -190,8 +190,9 @@ class Session:
         self.heartbeat_interval_s = 30
         self._abort_cause: str | None = None
         self._abort_detail = ""
-        #: The kernel's unacknowledged-data limit on this socket, once applied.
-        self._unacked_timeout_s: float | None = None
+        #: The kernel's unacknowledged-data limit on this socket, once applied:
+        #: "15 s (TCP_USER_TIMEOUT)".
+        self._unacked_limit: str | None = None
         self._warm_up_task: asyncio.Task[None] | None = None
         self._drain_started = False
 
@@ -288,8 +289,9 @@ class Session:
             applied = harden(
                 self.ws.transport.get_extra_info("socket"), unacked_timeout_s=watchdog_timeout(tick)
             )
-            if {"TCP_USER_TIMEOUT", "TCP_RXT_CONNDROPTIME"} & set(applied):
-                self._unacked_timeout_s = watchdog_timeout(tick)
+            for option in ("TCP_USER_TIMEOUT", "TCP_RXT_CONNDROPTIME"):
+                if option in applied:
+                    self._unacked_limit = f"{watchdog_timeout(tick):g} s ({option})"
             start(self._handle_loop(), "handler")
             start(
                 heartbeat_loop(
@@ -328,8 +330,8 @@ class Session:
                 # dead even though our sends completed (into the kernel).
                 cause = "tcp_timeout"
                 detail = "the kernel dropped the connection: data unacknowledged"
-                if self._unacked_timeout_s is not None:
-                    detail += f" for {self._unacked_timeout_s:g} s (TCP_USER_TIMEOUT)"
+                if self._unacked_limit is not None:
+                    detail += f" for {self._unacked_limit}"
             raise ConnectionLost(cause, detail, stable=stable, close_code=exc.close_code) from None
         except FatalRefusal:
             raise

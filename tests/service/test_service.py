@@ -201,6 +201,7 @@ def test_reinstall_waits_until_the_draining_job_is_gone(
     capsys.readouterr()
     # The running agent drains after bootout: launchd still lists it for 3 polls.
     monkeypatch.setenv("BOOTOUT_LINGER", "3")
+    monkeypatch.setattr(service, "BOOTOUT_POLL_S", 0.01)
     assert service.install(config, **mac(home=home)) == 0, capsys.readouterr().err
     calls = read_calls(launchctl)
     assert calls[:2] == [["print", TARGET], ["bootout", TARGET]]
@@ -222,6 +223,7 @@ def test_reinstall_gives_up_on_a_job_that_never_goes(
     launchctl.unlink()
     capsys.readouterr()
     monkeypatch.setenv("BOOTOUT_LINGER", "1000000")
+    monkeypatch.setattr(service, "BOOTOUT_POLL_S", 0.05)
     assert service.install(config, bootout_timeout_s=0.6, **mac(home=home)) == 1
     err = capsys.readouterr().err
     assert f"error: {LABEL} is still loaded 0.6 s after `launchctl bootout`" in err

@@ -372,6 +372,22 @@ async def test_assigned_token_is_persisted_before_use(tmp_path: Path) -> None:
             assert stub.rejections == []
 
 
+async def test_an_assigned_token_too_short_to_redact_is_not_adopted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from provider.agent import Agent
+
+    cfg_file = tmp_path / "config.toml"
+    agent = Agent(provider_config("ws://127.0.0.1:9/ws/provider"), ScriptedEngine(),
+                  config_path=cfg_file)  # fmt: skip
+    agent.adopt_token("short")
+    assert agent.token == "tok" and not cfg_file.exists()
+    assert "ignoring the provider token assigned by the coordinator: 5 characters" in caplog.text
+    assert "short" not in caplog.text.replace("too short", "")
+    agent.adopt_token("ptok_" + "a" * 32)
+    assert agent.token == "ptok_" + "a" * 32 and agent.token in cfg_file.read_text()
+
+
 async def test_fatal_close_code_stops_the_agent() -> None:
     from websockets.asyncio.server import ServerConnection, serve
 
