@@ -83,7 +83,10 @@ async def test_half_open_path_is_detected_and_left_within_20s(
         proxy = BlackholeProxy("127.0.0.1", stub.ws_port)
         await proxy.start()
         url = f"ws://127.0.0.1:{proxy.port}/ws/provider"
-        engine = ScriptedEngine(tokens=1_000_000, step_s=0.002, words=("y" * 200,))
+        # A fast flood (~4 MB/s): the send buffers fill within a second of the
+        # black hole, so the bounded send trips 5 s later. A slow one would let
+        # TCP_USER_TIMEOUT end the closed window first (15 s, see reliability.md).
+        engine = ScriptedEngine(tokens=1_000_000, step_s=0.0005, words=("y" * 2000,))
         try:
             async with running(provider_config(stub, coordinator_url=url), engine) as run:
                 await stub.wait_provider_state(PID, "ready")
@@ -342,9 +345,20 @@ async def test_sigterm_during_prefill_finishes_the_job_and_exits_0(
     )  # fmt: skip
     try:
         await stub.wait_provider_state("prov-sub", "ready", timeout=20)
+        seen = len(stub.frames_received("prov-sub", "state_update"))
         job = asyncio.create_task(buy(stub.http_url, chat("[block] long prompt")))
         await stub.wait_sent(
             "prov-sub", "inference_request", where=lambda f: "[block]" in f.message.body
+        )
+        # Sent is not started: a SIGTERM before the provider read the request
+        # would refuse it (draining). Its one slot going busy says it started.
+        await stub.wait_for(
+            lambda: any(
+                f.message.state == "busy"
+                for f in stub.frames_received("prov-sub", "state_update")[seen:]
+            ),
+            timeout=20,
+            what="the job started",
         )
         proc.send_signal(signal.SIGTERM)  # mid-prefill: the engine thread is computing
         assert await asyncio.wait_for(proc.wait(), 20) == 0
