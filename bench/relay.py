@@ -588,7 +588,8 @@ async def serving(
                 break
         provider = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "provider", "serve", "--coordinator", ws_url,
-            "--model", str(model), "--provider-id", "relay-bench", "--token", "relay-bench",
+            "--model", str(model), "--provider-id", "relay-bench",
+            "--token", "relay_bench_provider_token",
             "--status-port", "0", "--max-concurrency", str(max_concurrency),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=(workdir / "provider.log").open("wb"), env=env,

@@ -66,7 +66,7 @@ from coordinator_stub.observe import RejectRecord  # noqa: E402
 from coordinator_stub.pool import DropRecord, ProviderRecord  # noqa: E402
 
 PROVIDER_ID = "soak-provider"
-TOKEN = "soak-token"
+TOKEN = "soak_provider_token_local"
 
 #: A request without a terminal answer this long after it was sent is lost.
 REQUEST_BOUND_S = 120.0

@@ -53,7 +53,7 @@ from provider.host.hardware import HardwareFacts
 from provider.host.monitor import HostMonitor, Reader
 from provider.host.restarts import STATE_FILE, record_start
 from provider.host.sensors import HostReader, HostSample
-from provider.logs import add_secret
+from provider.logs import MIN_SECRET_LENGTH, add_secret
 
 log = logging.getLogger("mlx_provider.agent")
 
@@ -265,6 +265,15 @@ class Agent:
 
     def adopt_token(self, token: str) -> None:
         if token == self.token:
+            return
+        if len(token) < MIN_SECRET_LENGTH:
+            # Too short to redact from the logs; not adopted, never logged.
+            log.warning(
+                "ignoring the provider token assigned by the coordinator: %d characters, "
+                "fewer than %d",
+                len(token),
+                MIN_SECRET_LENGTH,
+            )
             return
         add_secret(token)  # before anything could log it
         if self.config_path is not None:

@@ -32,6 +32,10 @@ from msgspec import Meta
 
 ENV_PREFIX = "MLX_PROVIDER_"
 DEFAULT_CONFIG_PATH = Path("~/.config/mlx-provider/config.toml")
+#: Shortest ``provider_token`` accepted. The coordinator issues 64 hex
+#: characters; the logs redact the token wherever it appears, which needs at
+#: least ``provider.logs.MIN_SECRET_LENGTH`` characters to leave words alone.
+MIN_TOKEN_LENGTH = 16
 
 
 class ConfigError(Exception):
@@ -189,13 +193,30 @@ def load_config(
 
 
 def check_config(config: Config) -> None:
-    """Checks that need more than a type: URL scheme and host, loopback status."""
+    """Checks that need more than a type: URL scheme and host, loopback status, token."""
     if config.coordinator_url is not None:
         check_coordinator_url(config.coordinator_url)
+    if config.provider_token:
+        check_provider_token(config.provider_token)
     if not is_loopback(config.status_host):
         raise ConfigError(
             f"status_host: {config.status_host!r} is not a loopback address; "
             "the status endpoint binds 127.0.0.1 or ::1 only"
+        )
+
+
+def check_provider_token(token: str) -> None:
+    """Refuse a token that cannot be a real one; the message never shows it."""
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"provider_token: {len(token)} characters is too short to be a real token (at "
+            f"least {MIN_TOKEN_LENGTH}; the coordinator issues 64), and the logs could not "
+            "redact it without mangling ordinary words; set the token the marketplace gave you"
+        )
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise ConfigError(
+            "provider_token: contains whitespace or control characters, which cannot travel "
+            "in an HTTP header; copy the token again without them"
         )
 
 

@@ -56,6 +56,8 @@ class Job:
     #: Why cancel was set: "cancel_request:<reason>", "deadline", "disconnect", "drain_timeout".
     cancel_reason: str | None = None
     token_limit: int = 0
+    #: The request deadline (``request_timeout_s``), once it is armed.
+    timeout_s: float | None = None
     chunks_sent: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -197,7 +199,9 @@ async def relay(
     job.finished_at = time.monotonic()
     if final.finish_reason == "cancelled":
         if job.cancel_reason == "deadline":
-            return Outcome("provider_timeout", "the request ran past its deadline", True)
+            limit = f" ({job.timeout_s:g} s)" if job.timeout_s is not None else ""
+            error = f"the request ran past request_timeout_s{limit}"
+            return Outcome("provider_timeout", error, True)
         return Outcome("cancelled", job.cancel_reason)
     usage = job.usage()
     if job.stream:

@@ -220,7 +220,8 @@ class PreflightAck(_Message, tag="preflight_ack", kw_only=True):
 class DrainStatus(_Message, tag="drain_status", kw_only=True):
     phase: DrainPhase
     inflight_requests: NonNegInt
-    estimated_drain_seconds: NonNegFloat = 0.0
+    # An int on the wire: Go refuses 1.5 for it and drops the whole frame.
+    estimated_drain_seconds: NonNegInt = 0
 
 
 class DiagnosticStatus(_Message, tag="diagnostic_status", kw_only=True):

@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import math
+import ssl
 import time
+import urllib.parse
 from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol, TypeVar
 
@@ -74,6 +78,57 @@ log = logging.getLogger("mlx_provider.coordinator.session")
 T = TypeVar("T")
 
 HANDSHAKE_TIMEOUT_S = 10.0
+
+
+# OpenSSL's X509_V_ERR_* codes that have a cause a provider owner can act on.
+_CERT_EXPIRED = {9: "is not valid yet (is this machine's clock right?)", 10: "has expired"}
+_CERT_WRONG_HOST = frozenset({62, 64})  # host name, IP address mismatch
+_CERT_UNTRUSTED = frozenset({2, 18, 19, 20, 21})  # no trusted issuer, self-signed
+
+
+def tls_failure(exc: ssl.SSLError, host: str) -> str:
+    """One line naming why the TLS handshake with ``host`` failed, for logs and doctor.
+
+    The connection is refused in every case: a ``wss://`` URL is never
+    retried as ``ws://``.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code, detail = exc.verify_code, exc.verify_message
+        if code in _CERT_EXPIRED:
+            cause = f"the coordinator's certificate {_CERT_EXPIRED[code]}"
+        elif code in _CERT_WRONG_HOST:
+            cause = f"the coordinator's certificate is not for {host} (check coordinator_url)"
+        elif code in _CERT_UNTRUSTED:
+            cause = (
+                "the coordinator's certificate is not signed by a CA this machine trusts "
+                "(python.org Python on macOS: run 'Install Certificates.command'; "
+                "a private CA: point SSL_CERT_FILE at it)"
+            )
+        else:
+            cause = "the coordinator's certificate failed verification"
+        return f"TLS with {host} refused: {cause} ({detail})"
+    reason = exc.reason or str(exc)
+    if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
+        return (
+            f"TLS with {host} failed: the server did not answer in TLS ({reason}); "
+            "is that port a wss:// endpoint?"
+        )
+    return f"TLS with {host} failed: {reason}"
+
+
+class _Connection(ClientConnection):
+    """websockets' client connection, remembering why the transport was lost."""
+
+    lost_exc: BaseException | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_exc = exc
+        super().connection_lost(exc)
+
+
+def _timed_out_by_kernel(ws: ClientConnection | None) -> bool:
+    exc = getattr(ws, "lost_exc", None)
+    return isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT
 
 
 class NoRedirectConnect(connect):
@@ -134,6 +189,10 @@ class Session:
         self.max_queue_wait_s = 0.0
         self.heartbeat_interval_s = 30
         self._abort_cause: str | None = None
+        self._abort_detail = ""
+        #: The kernel's unacknowledged-data limit on this socket, once applied:
+        #: "15 s (TCP_USER_TIMEOUT)".
+        self._unacked_limit: str | None = None
         self._warm_up_task: asyncio.Task[None] | None = None
         self._drain_started = False
 
@@ -154,15 +213,24 @@ class Session:
                 max_size=MAX_FRAME_BYTES,
                 open_timeout=HANDSHAKE_TIMEOUT_S,
                 close_timeout=cfg.send_timeout_s,
+                create_connection=_Connection,
             )
         except InvalidStatus as exc:
             raise ConnectionLost("refused", f"HTTP {exc.response.status_code}") from None
+        except ssl.SSLError as exc:
+            host = urllib.parse.urlsplit(cfg.coordinator_url or "").hostname or "?"
+            raise ConnectionLost("tls", tls_failure(exc, host)) from None
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             raise ConnectionLost("refused", f"{type(exc).__name__}: {exc}") from None
 
-    def abort(self, cause: str) -> None:
-        """Drop the connection at once (no close handshake); run() raises ConnectionLost."""
-        self._abort_cause = self._abort_cause or cause
+    def abort(self, cause: str, detail: str = "") -> None:
+        """Drop the connection at once (no close handshake); run() raises ConnectionLost.
+
+        The first cause wins; its ``detail`` is what the log says, whichever
+        task notices the dropped connection first.
+        """
+        if self._abort_cause is None:
+            self._abort_cause, self._abort_detail = cause, detail
         if self.ws is not None:
             self.ws.transport.abort()
 
@@ -177,7 +245,7 @@ class Session:
             pass
         code, reason = self.ws.close_code, self.ws.close_reason or ""
         if self._abort_cause:
-            raise ConnectionLost(self._abort_cause)
+            raise ConnectionLost(self._abort_cause, self._abort_detail)
         if code in FATAL_CLOSE_CODES:
             raise FatalRefusal(code, reason)
         what = CLOSE_REASONS.get(code or 0, "")
@@ -218,9 +286,12 @@ class Session:
             start(self.sender.run(), "writer")
             await self._register(list(tasks))
             tick = heartbeat_tick(self.heartbeat_interval_s)
-            harden(
+            applied = harden(
                 self.ws.transport.get_extra_info("socket"), unacked_timeout_s=watchdog_timeout(tick)
             )
+            for option in ("TCP_USER_TIMEOUT", "TCP_RXT_CONNDROPTIME"):
+                if option in applied:
+                    self._unacked_limit = f"{watchdog_timeout(tick):g} s ({option})"
             start(self._handle_loop(), "handler")
             start(
                 heartbeat_loop(
@@ -233,7 +304,9 @@ class Session:
             )
             start(
                 watchdog_loop(
-                    self._silence, lambda: self.abort("watchdog"), timeout=watchdog_timeout(tick)
+                    self._silence,
+                    lambda detail: self.abort("watchdog", detail),
+                    timeout=watchdog_timeout(tick),
                 ),
                 "watchdog",
             )
@@ -249,9 +322,17 @@ class Session:
                 self.registered_at is not None
                 and time.monotonic() - self.registered_at >= self.owner.stable_after_s
             )
-            raise ConnectionLost(
-                self._abort_cause or exc.cause, exc.detail, stable=stable, close_code=exc.close_code
-            ) from None
+            cause, detail = exc.cause, exc.detail
+            if self._abort_cause is not None:
+                cause, detail = self._abort_cause, self._abort_detail or exc.detail
+            if self._abort_cause is None and _timed_out_by_kernel(self.ws):
+                # Nothing we sent was acknowledged for that long: the path is
+                # dead even though our sends completed (into the kernel).
+                cause = "tcp_timeout"
+                detail = "the kernel dropped the connection: data unacknowledged"
+                if self._unacked_limit is not None:
+                    detail += f" for {self._unacked_limit}"
+            raise ConnectionLost(cause, detail, stable=stable, close_code=exc.close_code) from None
         except FatalRefusal:
             raise
         except Exception as exc:
@@ -407,7 +488,8 @@ class Session:
     async def _run_job(self, job: Job, request: ChatCompletionRequest) -> None:
         assert self.sender is not None
         loop = asyncio.get_running_loop()
-        deadline = loop.call_later(self.owner.request_timeout_s, job.request_cancel, "deadline")
+        job.timeout_s = self.owner.request_timeout_s
+        deadline = loop.call_later(job.timeout_s, job.request_cancel, "deadline")
         outcome: Outcome | None = None
         try:
             outcome = await relay(
@@ -530,5 +612,5 @@ class Session:
         return DrainStatus(
             phase=phase,  # type: ignore[arg-type]
             inflight_requests=len(jobs),
-            estimated_drain_seconds=round(min(left, self.config.drain_timeout_s), 3),
+            estimated_drain_seconds=math.ceil(min(left, self.config.drain_timeout_s)),
         )

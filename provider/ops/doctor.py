@@ -32,7 +32,8 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.frames import Close
 
-from provider.coordinator.session import NoRedirectConnect
+from provider.config import ConfigError, check_provider_token
+from provider.coordinator.session import NoRedirectConnect, tls_failure
 from provider.host.service import DEFAULT_LABEL, LaunchAgent, host_platform, service_state
 from provider.logs import default_log_dir
 
@@ -335,6 +336,11 @@ def check_token(token: str | None, *, config_path: Path | None = None) -> CheckR
             "no provider token",
             f"set provider_token{where} (or MLX_PROVIDER_PROVIDER_TOKEN)",
         )
+    try:
+        check_provider_token(token)
+    except ConfigError as exc:
+        where = f" in {config_path}" if config_path else ""
+        return CheckResult("provider token", False, str(exc), f"fix provider_token{where}")
     return CheckResult("provider token", True, f"set ({len(token)} characters)")
 
 
@@ -390,13 +396,12 @@ async def _websocket_check(url: str, token: str, timeout: float, settle: float) 
         else:
             detail, fix = f"HTTP {status} instead of 101", "retry later; the coordinator is unwell"
         return CheckResult(name, False, detail, fix)
-    except ssl.SSLCertVerificationError as exc:
-        return CheckResult(
-            name,
-            False,
-            f"TLS certificate not trusted: {exc.verify_message}",
-            "install root certificates (python.org Python: run 'Install Certificates.command')",
-        )
+    except ssl.SSLError as exc:
+        host = urllib.parse.urlsplit(url).hostname or "?"
+        fix = "check coordinator_url; if the marketplace's certificate is at fault, tell them"
+        if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_code in (2, 19, 20, 21):
+            fix = "install root certificates (python.org Python: 'Install Certificates.command')"
+        return CheckResult(name, False, tls_failure(exc, host), fix)
     except (InvalidURI, InvalidHandshake, OSError, TimeoutError) as exc:
         return CheckResult(
             name,

@@ -58,7 +58,7 @@ PROVIDER_MESSAGES: list[msgspec.Struct] = [
         terminal_state_ts_unix_ms=1,
     ),
     p.PreflightAck(request_id="r2", accepted=False, reason="queue_full", max_context_tokens=9),
-    p.DrainStatus(phase="in_progress", inflight_requests=2, estimated_drain_seconds=1.5),
+    p.DrainStatus(phase="in_progress", inflight_requests=2, estimated_drain_seconds=2),
     p.Nak(in_reply_to="bogus", error=p.NakError(code="unknown_message_type", message="?")),
 ]
 COORDINATOR_MESSAGES: list[msgspec.Struct] = [

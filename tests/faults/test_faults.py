@@ -90,7 +90,10 @@ async def test_half_open_path_is_detected_and_left_within_20s(
         proxy = BlackholeProxy("127.0.0.1", stub.ws_port)
         await proxy.start()
         url = f"ws://127.0.0.1:{proxy.port}/ws/provider"
-        engine = ScriptedEngine(tokens=1_000_000, step_s=0.002, words=("y" * 200,))
+        # A fast flood (~4 MB/s): the send buffers fill within a second of the
+        # black hole, so the bounded send trips 5 s later. A slow one would let
+        # TCP_USER_TIMEOUT end the closed window first (15 s, see reliability.md).
+        engine = ScriptedEngine(tokens=1_000_000, step_s=0.0005, words=("y" * 2000,))
         try:
             async with running(provider_config(stub, coordinator_url=url), engine) as run:
                 await stub.wait_provider_state(PID, "ready")
@@ -105,10 +108,59 @@ async def test_half_open_path_is_detected_and_left_within_20s(
                     timeout=20,
                     what="registered again through a healthy path",
                 )
+                # The bounded send (5 s) ends it, long before the watchdog (15 s).
                 assert loop.time() - holed_at <= 20
                 assert proxy.accepted >= 2
-                assert run.agent.reconnects[-1]["cause"] in ("send_timeout", "watchdog")
+                assert run.agent.reconnects[-1]["cause"] == "send_timeout"
                 assert run.agent.totals["cancelled"] == 1  # the in-flight job ended, accounted
+                await assert_sound(stub, run, caplog)
+                buyer.cancel()
+                await asyncio.gather(buyer, return_exceptions=True)
+        finally:
+            await proxy.stop()
+
+
+@pytest.mark.slow
+async def test_watchdog_ends_a_path_that_neither_completes_sends_nor_delivers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Only the watchdog is left to end this path: the bounded send is set
+    # above the watchdog's 15 s, and TCP_USER_TIMEOUT is turned off on the
+    # socket (on Linux it also ends a zero window after the same 15 s, and
+    # which of the two fired first would be a race).
+    caplog.set_level(logging.INFO)
+    async with CoordinatorStub(stub_config(heartbeat_interval_s=1)) as stub:
+        proxy = BlackholeProxy("127.0.0.1", stub.ws_port)
+        await proxy.start()
+        url = f"ws://127.0.0.1:{proxy.port}/ws/provider"
+        engine = ScriptedEngine(tokens=1_000_000, step_s=0.0005, words=("w" * 2000,))
+        config = provider_config(stub, coordinator_url=url, send_timeout_s=60.0)
+        try:
+            async with running(config, engine) as run:
+                await stub.wait_provider_state(PID, "ready")
+                first = stub.session(PID)
+                assert run.session is not None
+                sock = run.session.ws.transport.get_extra_info("socket")
+                user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
+                if user_timeout is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, user_timeout, 0)
+                buyer = asyncio.create_task(buy(stub.http_url, chat("flood", stream=True)))
+                await stub.wait_frame(PID, "inference_response_chunk", where=is_buyer)
+                loop = asyncio.get_running_loop()
+                holed_at = loop.time()
+                assert proxy.blackhole() == 1
+                await stub.wait_for(
+                    lambda: stub.session(PID) not in (None, first) and stub.state(PID) == "ready",
+                    timeout=40,
+                    what="registered again through a healthy path",
+                )
+                took = loop.time() - holed_at
+                lost = run.agent.reconnects[-1]
+                assert lost["cause"] == "watchdog", lost
+                silent = float(lost["detail"].split(" for ")[1].removesuffix(" s"))
+                assert 15.0 < silent < 20.0, lost
+                assert 15.0 < took < 30.0
+                assert run.agent.totals["cancelled"] == 1
                 await assert_sound(stub, run, caplog)
                 buyer.cancel()
                 await asyncio.gather(buyer, return_exceptions=True)
@@ -300,9 +352,20 @@ async def test_sigterm_during_prefill_finishes_the_job_and_exits_0(
     )  # fmt: skip
     try:
         await stub.wait_provider_state("prov-sub", "ready", timeout=20)
+        seen = len(stub.frames_received("prov-sub", "state_update"))
         job = asyncio.create_task(buy(stub.http_url, chat("[block] long prompt")))
         await stub.wait_sent(
             "prov-sub", "inference_request", where=lambda f: "[block]" in f.message.body
+        )
+        # Sent is not started: a SIGTERM before the provider read the request
+        # would refuse it (draining). Its one slot going busy says it started.
+        await stub.wait_for(
+            lambda: any(
+                f.message.state == "busy"
+                for f in stub.frames_received("prov-sub", "state_update")[seen:]
+            ),
+            timeout=20,
+            what="the job started",
         )
         proc.send_signal(signal.SIGTERM)  # mid-prefill: the engine thread is computing
         assert await asyncio.wait_for(proc.wait(), 20) == 0

@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator_stub.app import CoordinatorStub
-from provider.logs import LOGGER_NAME, REDACTED, get_logger, setup_logging
+from provider.logs import LOGGER_NAME, MIN_SECRET_LENGTH, REDACTED, get_logger, setup_logging
 from provider.openai.request import ChatCompletionRequest
 from provider.ops.status_server import StatusServer
 from tests.session.conftest import PID, provider_config, running, stub_config
@@ -183,7 +183,7 @@ def test_exception_holding_the_token_is_redacted(as_json: bool) -> None:
 @given(
     token=st.text(
         alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~+/=",
-        min_size=8,
+        min_size=MIN_SECRET_LENGTH,
         max_size=64,
     ),
     before=st.text(max_size=20),

@@ -382,9 +382,14 @@ async def test_full_provider_answers_queue_full(stub: CoordinatorStub) -> None:
 
 
 async def test_assigned_token_is_persisted_before_use(tmp_path: Path) -> None:
-    async with CoordinatorStub(stub_config(tokens=("first",), issue_provider_token=True)) as stub:
+    first_token = "ptok_first_0123456789"
+    async with CoordinatorStub(
+        stub_config(tokens=(first_token,), issue_provider_token=True)
+    ) as stub:
         cfg_file = tmp_path / "config.toml"
-        cfg_file.write_text(f'coordinator_url = "{stub.ws_url}"\nprovider_token = "first"\n')
+        cfg_file.write_text(
+            f'coordinator_url = "{stub.ws_url}"\nprovider_token = "{first_token}"\n'
+        )
         os.chmod(cfg_file, 0o600)
         config, path = load_config(
             cfg_file, overrides={"model": "scripted", "provider_id": PID, "status_port": 0}
@@ -400,6 +405,22 @@ async def test_assigned_token_is_persisted_before_use(tmp_path: Path) -> None:
                 lambda: stub.session(PID) not in (None, first), what="reconnected with new token"
             )
             assert stub.rejections == []
+
+
+async def test_an_assigned_token_too_short_to_redact_is_not_adopted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from provider.agent import Agent
+
+    cfg_file = tmp_path / "config.toml"
+    agent = Agent(provider_config("ws://127.0.0.1:9/ws/provider"), ScriptedEngine(),
+                  config_path=cfg_file)  # fmt: skip
+    agent.adopt_token("short")
+    assert agent.token == "tok" and not cfg_file.exists()
+    assert "ignoring the provider token assigned by the coordinator: 5 characters" in caplog.text
+    assert "short" not in caplog.text.replace("too short", "")
+    agent.adopt_token("ptok_" + "a" * 32)
+    assert agent.token == "ptok_" + "a" * 32 and agent.token in cfg_file.read_text()
 
 
 async def test_fatal_close_code_stops_the_agent() -> None:
