@@ -59,7 +59,7 @@ async def test_every_preflight_reason_then_a_drain_refuses_new_work(
     async with running(provider_config(stub, drain_timeout_s=60), engine) as run:
         await stub.wait_provider_state(PID, "ready")
         ack = await stub.preflight(PID, 4096)
-        assert (ack.accepted, ack.reason, ack.max_context_tokens) == (True, None, 4096)
+        assert (ack.accepted, ack.reason, ack.max_context_tokens) == (True, "", 4096)
         ack = await stub.preflight(PID, 4097)
         assert (ack.accepted, ack.reason) == (False, "context_exceeds_capacity")
 

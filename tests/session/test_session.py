@@ -225,11 +225,6 @@ async def test_drain_completes_in_flight_jobs_and_exits_0(stub: CoordinatorStub)
         assert phases[0] == "starting" and phases[-1] == "complete"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the provider sends drain_status.estimated_drain_seconds as a float; Go's field "
-    "is an int, so the real coordinator drops every drain_status (issue 14, PROTO)",
-)
 async def test_drain_status_passes_the_coordinator_rules(stub: CoordinatorStub) -> None:
     async with running(provider_config(stub), ScriptedEngine(tokens=2)) as run:
         await stub.wait_provider_state(PID, "ready")
