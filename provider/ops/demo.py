@@ -179,7 +179,8 @@ async def run_demo(args: argparse.Namespace) -> int:
         provider = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "provider", "serve", "--coordinator", ws_url,
             "--model", model, "--provider-id", "demo-provider", "--token", "demo-token",
-            "--status-port", "0",
+            # The bundled stub speaks protocol v1 until its v2 side lands.
+            "--status-port", "0", "--protocol", "v1",
             stdin=asyncio.subprocess.DEVNULL, stderr=(workdir / "provider.log").open("wb"), env=env,
         )  # fmt: skip
         async with aiohttp.ClientSession() as http:
