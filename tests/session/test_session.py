@@ -50,7 +50,7 @@ def not_warm_up(frame: Any) -> bool:
 async def until(predicate: Any, timeout: float = 5.0, what: str = "condition") -> None:
     """Poll ``predicate`` (for agent-side facts the stub is not told about)."""
     async with asyncio.timeout(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - the agent has no event for these facts
             await asyncio.sleep(0.02)
 
 
@@ -256,7 +256,7 @@ async def test_drain_timeout_cancels_what_is_left(
             == ["timeout_skipped"],
             what="the drain timed out",
         )
-        await until(lambda: run.agent.session is None, timeout=15, what="the drained session closed")
+        await until(lambda: run.agent.session is None, timeout=15, what="the session closed")
         ends = stub.frames_received(PID, "inference_response_end")
         assert ends[-1].message.status == "cancelled"
         assert ends[-1].message.usage.completion_tokens > 0  # partial usage
