@@ -37,7 +37,7 @@ import tenacity
 from msgspec import UNSET
 
 from provider import __version__, telemetry
-from provider.config import Config, persist_keys
+from provider.config import Config, model_id_from, persist_keys
 from provider.coordinator.admission import MAX_CONCURRENCY_CEILING
 from provider.coordinator.catalog import (
     PRODUCTION_PUBLIC_KEYS,
@@ -83,12 +83,6 @@ COORDINATOR_DRAIN_RECONNECT_S = 10.0
 CATALOG_TTL_S = 600.0
 #: Where a final refusal (4004, 4009) is kept for ``status`` and ``doctor``.
 REFUSAL_FILE = "last-refusal.json"
-
-
-def model_id_from(model: str) -> str:
-    """A local directory's name, or the repo id as given."""
-    path = Path(model).expanduser()
-    return path.name if path.exists() else model
 
 
 class Agent:

@@ -307,6 +307,12 @@ def persist_keys(path: Path, values: Mapping[str, str]) -> None:
         raise
 
 
+def model_id_from(model: str) -> str:
+    """The model id to register: a local directory's name, or the repo id as given."""
+    path = Path(model).expanduser()
+    return path.name if path.exists() else model
+
+
 def ensure_provider_id(config: Config, path: Path) -> Config:
     """Return ``config`` with a provider_id, generating and persisting one once.
 
