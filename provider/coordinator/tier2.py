@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import re
 import struct
@@ -208,6 +209,15 @@ def aad(
     seq: int,
 ) -> bytes:
     """The binary AAD of one frame (``direction`` is ``c2p`` or ``p2c``)."""
+    head = _aad_head(kind, direction, request_id, stream, provider_id, assigned_id)
+    return head + struct.pack(">Q", seq)
+
+
+@functools.lru_cache(maxsize=1024)
+def _aad_head(
+    kind: str, direction: str, request_id: str, stream: bool, provider_id: str, assigned_id: str
+) -> bytes:
+    # Everything but the sequence number: the same for every chunk of a request.
     return b"".join(
         (
             AAD_PREFIX,
@@ -217,7 +227,6 @@ def aad(
             b"\x01" if stream else b"\x00",
             _lenstr(provider_id),
             _lenstr(assigned_id),
-            struct.pack(">Q", seq),
         )
     )
 

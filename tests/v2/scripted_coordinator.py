@@ -162,6 +162,8 @@ class Conn:
     close_code: int | None = None
     violations: list[str] = field(default_factory=list)
     rekey: dict[str, Any] | None = None
+    #: A v1 ``hello`` session (plain frames), for A/B comparisons.
+    v1: bool = False
 
     @property
     def provider_id(self) -> str:
@@ -185,6 +187,11 @@ class Conn:
         tamper: bool = False,
     ) -> None:
         """An encrypted inference_request (plaintext envelope inside ``enc``)."""
+        self.stream_of[request_id] = stream
+        if self.v1:
+            await self.send({"type": "inference_request", "request_id": request_id,
+                             "stream": stream, "body": json.dumps(body)})  # fmt: skip
+            return
         seq = self.c2p_next
         self.c2p_next += 1
         plaintext = json.dumps(
@@ -259,7 +266,9 @@ class Conn:
     def accept_frame(self, raw: str) -> None:
         msg = json.loads(raw)
         kind = msg.get("type")
-        if kind in ("inference_response_chunk", "inference_response_end"):
+        if kind in ("inference_response_chunk", "inference_response_end") and self.v1:
+            pass
+        elif kind in ("inference_response_chunk", "inference_response_end"):
             if not msg.get("encrypted"):
                 raise ProtocolViolation(f"plaintext {kind} on the encrypted leg")
             plain = self._open_p2c(kind, msg)
@@ -412,6 +421,14 @@ class ScriptedCoordinator:
         conn.initial_raw = first.data
         initial = json.loads(first.data)
         conn.initial = initial
+        if initial.get("type") == "hello":
+            conn.v1, conn.assigned_id = True, str(uuid.uuid4())
+            conn.response = {"type": "hello_ack", "coordinator_version": 1,
+                             "assigned_id": conn.assigned_id, "heartbeat_interval_s": 1,
+                             "tier": "pinned"}  # fmt: skip
+            await conn.send(conn.response)
+            await self._notify()
+            return True
         problems = check_initial(initial)
         if problems:
             conn.violations.extend(problems)
