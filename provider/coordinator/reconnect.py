@@ -57,7 +57,7 @@ _TRANSIENT_4001 = ("receipt_key_rotation_grace_active",)
 _FIXES: dict[int, list[tuple[str, str]]] = {
     4000: [("", "upgrade mlx-provider: the coordinator did not recognise its first message")],
     4001: [
-        ("credential_bootstrap_requires_v2", "set protocol = \"v2\""),
+        ("credential_bootstrap_requires_v2", 'set protocol = "v2"'),
         ("no_common_aead_suite", "upgrade mlx-provider: no common encryption suite"),
         ("compatibility_set_required", "set compatibility_set_id (the marketplace publishes it)"),
         ("compatibility_set_invalid", "fix compatibility_set_id: OWNER/NAME:vX.Y.Z@<commit>"),
@@ -69,20 +69,29 @@ _FIXES: dict[int, list[tuple[str, str]]] = {
         ("", "a registration field was refused; see the reason"),
     ],
     4003: [
-        ("bootstrap_identity_requires_v2", "set protocol = \"v2\""),
-        ("durable_identity_requires_v2", "set protocol = \"v2\""),
+        ("bootstrap_identity_requires_v2", 'set protocol = "v2"'),
+        ("durable_identity_requires_v2", 'set protocol = "v2"'),
         ("bootstrap_receipt_identity_required", "upgrade mlx-provider (no receipt key was sent)"),
-        ("identity_signature", "the identity key on this Mac is not the one the coordinator "
-         "knows: restore ~/.config/mlx-provider/ or ask the marketplace to reset it"),
+        (
+            "identity_signature",
+            "the identity key on this Mac is not the one the coordinator "
+            "knows: restore ~/.config/mlx-provider/ or ask the marketplace to reset it",
+        ),
         ("", "the coordinator refused this provider's identity or tier"),
     ],
     4005: [
         ("referral_required", "set referral_code (from the marketplace) to bootstrap"),
         ("referral_", "the referral code was refused: get a new one from the marketplace"),
-        ("bootstrap_", "the bootstrap was refused: remove provider_token and provider_id "
-         "to start over, or ask the marketplace"),
-        ("", "the provider token was refused: fix provider_token, or remove it to get a new "
-         "one (credential bootstrap needs referral_code)"),
+        (
+            "bootstrap_",
+            "the bootstrap was refused: remove provider_token and provider_id "
+            "to start over, or ask the marketplace",
+        ),
+        (
+            "",
+            "the provider token was refused: fix provider_token, or remove it to get a new "
+            "one (credential bootstrap needs referral_code)",
+        ),
     ],
 }
 

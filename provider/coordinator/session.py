@@ -489,9 +489,7 @@ class Session:
                     challenge.admission_identity_public_key,
                 )
         if bootstrap:
-            value = handshake.bootstrap_tuple(
-                msgspec.json.decode(challenge_raw), **fields
-            )
+            value = handshake.bootstrap_tuple(msgspec.json.decode(challenge_raw), **fields)
             key = keys.receipt_key()
         else:
             value = handshake.identity_tuple(**fields)
@@ -624,12 +622,18 @@ class Session:
         """The request's body, opened on the encrypted leg; None after a nak."""
         extra = {"request_id": msg.request_id}
         if self.leg is None:
-            if msg.encrypted or msg.body is None:
-                log.warning("inference_request without a plain body", extra=extra)
+            if msg.encrypted:
+                log.warning("encrypted inference_request on a plain session", extra=extra)
                 await self._nak(
                     msg.request_id,
                     "unsupported_frame",
                     "this session has no encrypted leg; the request needs a plain body",
+                )
+                return None
+            if msg.body is None:
+                log.warning("inference_request without a body", extra=extra)
+                await self._nak(
+                    msg.request_id, "malformed_message", "Object missing required field `body`"
                 )
                 return None
             return msg.body
@@ -994,5 +998,3 @@ class Session:
 def _ceil(value: float) -> int:
     whole = int(value)
     return whole + (value > whole)
-
-

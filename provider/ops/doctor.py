@@ -559,7 +559,9 @@ async def check_production_gates(
     results = [
         _gate(
             "protocol",
-            None if protocol == "v2" else "protocol v1: a production coordinator requires the "
+            None
+            if protocol == "v2"
+            else "protocol v1: a production coordinator requires the "
             "encrypted leg and closes a v1 hello with 4013",
             "v2 (auth_request, encrypted leg, receipts)",
             'set protocol = "v2"',
@@ -578,7 +580,9 @@ async def check_production_gates(
         results.append(
             _gate(
                 "credentials",
-                None if referral_code else "no token and no referral_code: the credential "
+                None
+                if referral_code
+                else "no token and no referral_code: the credential "
                 "bootstrap is refused with 4005 referral_required",
                 "no token: the first start bootstraps one with referral_code",
                 "set referral_code (from the marketplace), or provider_token",
@@ -596,9 +600,12 @@ async def check_production_gates(
     results.append(
         _gate(
             "compatibility set",
-            (compatibility_set_problem(compatibility_set_id) if compatibility_set_id else
-             "no compatibility_set_id: a coordinator with a compatibility policy refuses "
-             "(4001 compatibility_set_required) or never routes"),
+            (
+                compatibility_set_problem(compatibility_set_id)
+                if compatibility_set_id
+                else "no compatibility_set_id: a coordinator with a compatibility policy refuses "
+                "(4001 compatibility_set_required) or never routes"
+            ),
             compatibility_set_id or "",
             "set compatibility_set_id to the id the marketplace publishes for this release",
         )

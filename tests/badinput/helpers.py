@@ -43,12 +43,13 @@ async def post_chat(
         return response.status, text, parsed
 
 
-def check_nak(case: FrameCase, frame: FrameRecord) -> None:
-    """``frame`` is the nak ``case`` must get: right type, code and mention."""
+def check_nak(case: FrameCase, frame: FrameRecord, rid: str = "") -> None:
+    """``frame`` is the nak ``case`` (sent with request id ``rid``) must get:
+    right type, what it names, code and mention."""
     nak = frame.message
     where = f"{case.label}: {nak!r}"[:600]
     assert frame.type == "nak", where
-    assert nak.in_reply_to == case.in_reply_to, where
+    assert nak.in_reply_to == case.reply_to(rid), where
     assert nak.error.code == case.code, where
     assert nak.error.message, where
     for mention in case.mentions:

@@ -252,8 +252,10 @@ async def test_drain_timeout_cancels_what_is_left(
         await stub.wait_for(lambda: run.agent.state.in_flight == 1, what="job running")
         await stub.drain(PID)
         await stub.wait_for(
-            lambda: [f.message.phase for f in stub.frames_received(PID, "drain_status")][-1:]
-            == ["timeout_skipped"],
+            lambda: (
+                [f.message.phase for f in stub.frames_received(PID, "drain_status")][-1:]
+                == ["timeout_skipped"]
+            ),
             what="the drain timed out",
         )
         await until(lambda: run.agent.session is None, timeout=15, what="the session closed")

@@ -159,9 +159,7 @@ async def test_encrypted_and_rekey_frames() -> None:
         rekey_id="k", assigned_id="s", old_kid="a", new_kid="b", provider_ecdh_public_key="x"
     )
     assert check("aead_rekey_response", encode(response)) == 1
-    committed = AeadRekeyCommitted(
-        rekey_id="k", assigned_id="s", old_kid="a", new_kid="b", enc=enc
-    )
+    committed = AeadRekeyCommitted(rekey_id="k", assigned_id="s", old_kid="a", new_kid="b", enc=enc)
     assert check("aead_rekey_committed", encode(committed)) == 2
 
 

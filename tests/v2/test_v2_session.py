@@ -316,8 +316,13 @@ async def test_catalog_admission_from_the_signed_feed(model_dir: Path) -> None:
                           "bench_gate": {"min_sustained_tps": 1.5, "max_4k_ttft_ms": 9},
                           "runtime_status": "recommendable"}},
     }).encode()  # fmt: skip
-    sig = json.dumps({"key_id": "k1", "alg": "ed25519",
-                      "signature": base64.b64encode(signer.sign(feed)).decode()}).encode()
+    sig = json.dumps(
+        {
+            "key_id": "k1",
+            "alg": "ed25519",
+            "signature": base64.b64encode(signer.sign(feed)).decode(),
+        }
+    ).encode()
     async with ScriptedCoordinator(tokens={"tok"}, feed=(feed, sig)) as coord:
         cfg = config(coord, model_dir, catalog_feed_url=None, catalog_public_keys={"k1": public})
         async with running(cfg, ScriptedEngine()) as run:
