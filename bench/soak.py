@@ -184,7 +184,7 @@ async def start_provider(
             sys.executable, "-m", "provider", "serve", "--coordinator", ws_url,
             "--model", model, "--provider-id", PROVIDER_ID, "--token", TOKEN,
             "--max-concurrency", str(max_concurrency), "--status-port", "0",
-            "--log-level", "info",
+            "--log-level", "info", "--protocol", "v1",
             cwd=ROOT, env=provider_env(workdir), stdin=asyncio.subprocess.DEVNULL,
             stdout=log, stderr=log,
         )  # fmt: skip

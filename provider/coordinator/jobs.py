@@ -15,6 +15,10 @@ and the request deadline all set :attr:`Job.cancel`, a
 and prefill chunk; the engine then ends the stream with ``cancelled`` and the
 partial usage. :class:`JobTable` makes sure there is exactly one
 ``inference_response_end`` per request id, whatever path ends it.
+
+What the buyer was sent is recorded as it is sent, in :attr:`Job.delivered`
+(content, finish reason, tool calls): a settlement receipt binds exactly that,
+never what the engine produced but did not deliver.
 """
 
 from __future__ import annotations
@@ -28,7 +32,15 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from provider.coordinator.messages import EndStatus, InferenceResponseChunk, InferenceResponseEnd
+from msgspec import UNSET
+
+from provider.coordinator.messages import (
+    EndStatus,
+    EndUsage,
+    InferenceResponseChunk,
+    InferenceResponseEnd,
+)
+from provider.coordinator.receipts import LATE_RECEIPT_SETTLEMENT, Delivered, Settlement
 from provider.engine import Engine, EngineError, TokenBatch
 from provider.openai.completions import CompletionFormatter, make_usage
 from provider.openai.request import ChatCompletionRequest
@@ -64,6 +76,10 @@ class Job:
     first_token_at: float | None = None
     finished_at: float | None = None
     task: asyncio.Task[None] | None = None
+    #: What the buyer has been sent so far (the receipt's output).
+    delivered: Delivered = field(default_factory=Delivered)
+    #: The request's settlement metadata: its end frame then carries a receipt.
+    settlement: Settlement | None = None
 
     def request_cancel(self, reason: str) -> None:
         if self.cancel_reason is None:
@@ -83,15 +99,38 @@ class Outcome:
     retryable: bool = False
 
 
-def end_frame(job: Job, outcome: Outcome) -> InferenceResponseEnd:
+def end_frame(
+    job: Job,
+    outcome: Outcome,
+    *,
+    model_hash: str | None = None,
+    terminal_ts_ms: int | None = None,
+    receipt: str | None = None,
+) -> InferenceResponseEnd:
+    """The end frame; with settlement metadata it carries the receipt fields
+    (``receipt`` only when one could be signed)."""
+    usage = job.usage()
+    settlement = job.settlement
     return InferenceResponseEnd(
         request_id=job.request_id,
         status=outcome.status,
         chunks_sent=job.chunks_sent,
-        usage=job.usage(),
+        usage=EndUsage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            macprovider_model_hash_observed=model_hash or UNSET,
+        ),
         error=outcome.error,
         retryable=outcome.retryable,
-        terminal_state_ts_unix_ms=int(time.time() * 1000),
+        terminal_state_ts_unix_ms=(
+            terminal_ts_ms if terminal_ts_ms is not None else int(time.time() * 1000)
+        ),
+        receipt=receipt or UNSET,
+        receipt_pending_deadline_seconds=(
+            settlement.pending_deadline_seconds if settlement is not None else UNSET
+        ),
+        late_receipt_settlement=LATE_RECEIPT_SETTLEMENT if settlement is not None else UNSET,
     )
 
 
@@ -146,7 +185,9 @@ async def relay(
         first = job.first_token_at is None
         if first:
             job.first_token_at = time.monotonic()
-        data, pending = fmt.stream_delta(pending, first=first), ""
+        data = fmt.stream_delta(pending, first=first)
+        job.delivered.add(pending)
+        pending = ""
         last_flush = clock()
         await emit(data)
 
@@ -206,9 +247,13 @@ async def relay(
     usage = job.usage()
     if job.stream:
         data = fmt.stream_end(pending, final.finish_reason, usage, first=job.chunks_sent == 0)
+        job.delivered.add(pending)
     else:
         text_parts.append(pending)
-        data = fmt.completion("".join(text_parts), final.finish_reason, usage)
+        text = "".join(text_parts)
+        data = fmt.completion(text, final.finish_reason, usage)
+        job.delivered.add(text)
+    job.delivered.finish_reason = final.finish_reason
     await emit(data, last=True)
     return Outcome("complete")
 

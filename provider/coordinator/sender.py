@@ -55,10 +55,14 @@ class Sender:
 
         Raises :class:`ConnectionLost` if the connection fails first.
         """
+        await self.send_text(encode_text(msg))
+
+    async def send_text(self, text: str) -> None:
+        """:meth:`send` for a frame already encoded (whose exact bytes matter)."""
         if self._failed is not None:
             raise self._failed
         fut = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((encode_text(msg), fut))
+        self._queue.put_nowait((text, fut))
         await fut
 
     async def run(self) -> None:

@@ -15,6 +15,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import aiohttp
 import pytest
 
 from coordinator_stub.app import CoordinatorStub
+from provider import agent as agent_module
 from tests.session.conftest import (
     PID,
     Running,
@@ -326,19 +328,40 @@ async def test_out_of_order_cancel_before_request_and_after_end(
         await assert_sound(stub, run, caplog)
 
 
-async def test_drain_during_warm_up_exits_0(
-    stub: CoordinatorStub, caplog: pytest.LogCaptureFixture
+async def test_drain_during_warm_up_completes(
+    stub: CoordinatorStub, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A coordinator's drain completes, then the agent comes back (it is not a
+    # shutdown); a signal's drain completes and exits 0.
+    monkeypatch.setattr(agent_module, "COORDINATOR_DRAIN_RECONNECT_S", 0.3)
     # The coordinator's warm_up runs a tiny generation; make it slow.
     engine = ScriptedEngine(tokens=2, step_s=0.5)
+
+    def warming_up(f: Any) -> bool:
+        return f.message.reason == "warming_up"
+
+    def phases() -> list[str]:
+        return [drain_phase(f) for f in stub.frames_received(PID, "drain_status")]
+
     async with running(provider_config(stub), engine) as run:
         await stub.wait_provider_state(PID, "ready", timeout=10)
         await stub.warm_up(PID)
-        await stub.wait_frame(PID, "state_update", where=lambda f: f.message.reason == "warming_up")
+        await stub.wait_frame(PID, "state_update", where=warming_up)
         await stub.drain(PID)
+        await stub.wait_for(
+            lambda: len(stub.frames_received(PID, "hello")) == 2,
+            timeout=15,
+            what="a new registration after the coordinator's drain",
+        )
+        assert phases()[-1] == "complete" and not run.task.done()
+        await stub.wait_provider_state(PID, "ready", timeout=10)
+
+        since = time.monotonic()
+        await stub.warm_up(PID)
+        await stub.wait_frame(PID, "state_update", where=warming_up, since=since)
+        run.agent.request_drain("SIGTERM")
         assert await asyncio.wait_for(run.task, 10) == 0
-        phases = [drain_phase(f) for f in stub.frames_received(PID, "drain_status")]
-        assert phases[-1] == "complete"
+        assert phases()[-1] == "complete"
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 

@@ -72,7 +72,9 @@ async def test_token_never_in_logs_status_or_metrics(log_text: io.StringIO) -> N
                 assert response.status == 200
             async with http.post(url, json=chat("[explode]")) as response:
                 assert response.status == 500  # error_internal, retryable
-            await stub.send_raw(PID, '{"type":"no_such_message","token":"x"}')
+            await stub.send_raw(
+                PID, '{"type":"preflight","request_id":"p","estimated_tokens":"x","token":"x"}'
+            )
             await stub.wait_frame(PID, "nak")
             await stub.send_raw(
                 PID,
