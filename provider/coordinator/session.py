@@ -745,6 +745,14 @@ class Session:
 
     async def _on_inference_request(self, msg: InferenceRequest) -> None:
         assert self.sender is not None
+        if msg.request_id in self.jobs.running:
+            # The same request delivered twice while it runs: the first copy is
+            # being served and ends with its one end frame. A nak would make
+            # the coordinator fail the request it is waiting for.
+            log.warning(
+                "duplicate of a running request; ignored", extra={"request_id": msg.request_id}
+            )
+            return
         body = await self._request_body(msg)
         if body is None:
             return
