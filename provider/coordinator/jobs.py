@@ -15,6 +15,10 @@ and the request deadline all set :attr:`Job.cancel`, a
 and prefill chunk; the engine then ends the stream with ``cancelled`` and the
 partial usage. :class:`JobTable` makes sure there is exactly one
 ``inference_response_end`` per request id, whatever path ends it.
+
+What the buyer was sent is recorded as it is sent, in :attr:`Job.delivered`
+(content, finish reason, tool calls): a settlement receipt binds exactly that,
+never what the engine produced but did not deliver.
 """
 
 from __future__ import annotations
@@ -28,11 +32,24 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from provider.coordinator.messages import EndStatus, InferenceResponseChunk, InferenceResponseEnd
+from msgspec import UNSET
+
+from provider.coordinator.messages import (
+    EndStatus,
+    EndUsage,
+    InferenceResponseChunk,
+    InferenceResponseEnd,
+)
+from provider.coordinator.receipts import (
+    LATE_RECEIPT_SETTLEMENT,
+    Delivered,
+    Settlement,
+    ToolCall,
+)
 from provider.engine import Engine, EngineError, TokenBatch
 from provider.openai.completions import CompletionFormatter, Output, make_usage
 from provider.openai.request import ChatCompletionRequest
-from provider.openai.response import ToolCallOut, Usage
+from provider.openai.response import Usage
 from provider.openai.structured import json_schema_of, judge_output
 
 log = logging.getLogger("mlx_provider.jobs")
@@ -57,15 +74,27 @@ class Job:
     #: Why cancel was set: "cancel_request:<reason>", "deadline", "disconnect", "drain_timeout".
     cancel_reason: str | None = None
     token_limit: int = 0
+    #: The request deadline (``request_timeout_s``), once it is armed.
+    timeout_s: float | None = None
     chunks_sent: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None
     finished_at: float | None = None
     task: asyncio.Task[None] | None = None
-    #: The tool calls delivered to the buyer, in order (None: none yet), each
-    #: with its id, ``type: function``, name and raw arguments string.
-    tool_calls: list[ToolCallOut] | None = None
+    #: What the buyer has been sent so far (the receipt's output): answer
+    #: text (not reasoning), then the tool calls and the finish reason.
+    delivered: Delivered = field(default_factory=Delivered)
+    #: The request's settlement metadata: its end frame then carries a receipt.
+    settlement: Settlement | None = None
+
+    def deliver(self, out: Output, *, content: bool = True) -> None:
+        """Record output as sent to the buyer (``content`` False: its text was not)."""
+        if content:
+            self.delivered.add(out.text)
+        if out.tool_calls:
+            calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in out.tool_calls]
+            self.delivered.tool_calls = [*(self.delivered.tool_calls or []), *calls]
 
     def request_cancel(self, reason: str) -> None:
         if self.cancel_reason is None:
@@ -85,15 +114,38 @@ class Outcome:
     retryable: bool = False
 
 
-def end_frame(job: Job, outcome: Outcome) -> InferenceResponseEnd:
+def end_frame(
+    job: Job,
+    outcome: Outcome,
+    *,
+    model_hash: str | None = None,
+    terminal_ts_ms: int | None = None,
+    receipt: str | None = None,
+) -> InferenceResponseEnd:
+    """The end frame; with settlement metadata it carries the receipt fields
+    (``receipt`` only when one could be signed)."""
+    usage = job.usage()
+    settlement = job.settlement
     return InferenceResponseEnd(
         request_id=job.request_id,
         status=outcome.status,
         chunks_sent=job.chunks_sent,
-        usage=job.usage(),
+        usage=EndUsage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            macprovider_model_hash_observed=model_hash or UNSET,
+        ),
         error=outcome.error,
         retryable=outcome.retryable,
-        terminal_state_ts_unix_ms=int(time.time() * 1000),
+        terminal_state_ts_unix_ms=(
+            terminal_ts_ms if terminal_ts_ms is not None else int(time.time() * 1000)
+        ),
+        receipt=receipt or UNSET,
+        receipt_pending_deadline_seconds=(
+            settlement.pending_deadline_seconds if settlement is not None else UNSET
+        ),
+        late_receipt_settlement=LATE_RECEIPT_SETTLEMENT if settlement is not None else UNSET,
     )
 
 
@@ -155,7 +207,9 @@ async def relay(
         first = job.first_token_at is None
         if first:
             job.first_token_at = time.monotonic()
-        data = fmt.stream_delta(pending.take(), first=first)
+        out = pending.take()
+        data = fmt.stream_delta(out, first=first)
+        job.deliver(out)
         last_flush = clock()
         await emit(data)
 
@@ -191,8 +245,6 @@ async def relay(
                 whole.add(batch.text, **pieces)
             elif schema is not None:  # a stream keeps only what the JSON check reads
                 whole.add(batch.text, tool_calls=batch.tool_calls)
-            if batch.tool_calls:
-                job.tool_calls = [*(job.tool_calls or []), *batch.tool_calls]
             if batch.finish_reason is not None:
                 final = batch
                 pending.add(batch.text, **pieces)
@@ -216,7 +268,9 @@ async def relay(
     job.finished_at = time.monotonic()
     if final.finish_reason == "cancelled":
         if job.cancel_reason == "deadline":
-            return Outcome("provider_timeout", "the request ran past its deadline", True)
+            limit = f" ({job.timeout_s:g} s)" if job.timeout_s is not None else ""
+            error = f"the request ran past request_timeout_s{limit}"
+            return Outcome("provider_timeout", error, True)
         return Outcome("cancelled", job.cancel_reason)
     usage = job.usage()
     verdict = None
@@ -226,12 +280,18 @@ async def relay(
         # The stream (if any) ends without a finish or [DONE]: the end frame's
         # status says what is wrong, and the coordinator tells the buyer.
         if job.stream and pending:
-            await emit(fmt.stream_delta(pending.take(), first=job.chunks_sent == 0), last=True)
+            out = pending.take()
+            job.deliver(out)
+            await emit(fmt.stream_delta(out, first=job.chunks_sent == 0), last=True)
         return Outcome(verdict.status, verdict.message, verdict.retryable)
     if job.stream:
         data = fmt.stream_end(pending, final.finish_reason, usage, first=job.chunks_sent == 0)
+        job.deliver(pending)
     else:
         data = fmt.completion(whole, final.finish_reason, usage)
+        # Newlines around calls are not sent as content (see CompletionFormatter).
+        job.deliver(whole, content=bool(whole.text.strip()) or not whole.tool_calls)
+    job.delivered.finish_reason = final.finish_reason
     await emit(data, last=True)
     return Outcome("complete")
 

@@ -480,7 +480,9 @@ def valid_bodies(draw_: st.DrawFn) -> ValidBody:
 # --------------------------------------------------------------------------
 # Frames at the provider
 
-Answer = Literal["nak", "end", "ack", "none"]
+#: ``ignored``: no answer at all (a frame of a type the provider does not
+#: know: a nak would make the coordinator stop routing to it).
+Answer = Literal["nak", "end", "ack", "none", "ignored"]
 
 #: Frames stay this far under the 4 MiB limit (room for the request id).
 FRAME_ROOM = MAX_FRAME_BYTES - 4096
@@ -494,7 +496,9 @@ class FrameCase:
     """One frame and the answer it must get.
 
     ``template`` is the frame; a JSON string ``"@@RID@@"`` in it is replaced
-    with a request id unique to the case (:meth:`render`).
+    with a request id unique to the case (:meth:`render`). ``in_reply_to``
+    is what a nak names; :data:`RID` there stands for that request id (a
+    frame with a usable ``request_id`` gets a nak naming the request).
     """
 
     label: str
@@ -517,6 +521,10 @@ class FrameCase:
         rid = f"{self.rid_prefix}#{index}"
         return self.template.replace(f'"{RID}"', dumps(rid, self.ascii_only)), rid
 
+    def reply_to(self, rid: str) -> str:
+        """The ``in_reply_to`` a nak must carry, for the rendered request id."""
+        return rid if self.in_reply_to == RID else self.in_reply_to
+
 
 #: Bad request ids: not strings, empty, or over 256 characters (even at four
 #: bytes a character).
@@ -526,7 +534,7 @@ _FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "inference_request": {
         "request_id": _RID_BAD,
         "stream": not_of(bool),
-        "body": not_of(str),
+        "body": not_of(str, type(None)),  # null is "no body": see _REQUIRED
     },
     "cancel_request": {"request_id": _RID_BAD, "reason": not_of(str)},
     "preflight": {
@@ -544,8 +552,10 @@ _FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "required_binary_version": not_of(str, type(None)),
     },
 }
+#: (``inference_request.body`` is optional on the wire: an encrypted request
+#: carries ``enc`` instead. A plain session naks a request without a body.)
 _REQUIRED = {
-    "inference_request": ("request_id", "stream", "body"),
+    "inference_request": ("request_id", "stream"),
     "cancel_request": ("request_id",),
     "preflight": ("request_id", "estimated_tokens"),
     "hello_ack": ("coordinator_version", "assigned_id"),
@@ -563,6 +573,12 @@ def _valid(kind: str) -> dict[str, Any]:
     }[kind]
 
 
+def _names(kind: str, broken: str) -> str:
+    """What the nak of a ``kind`` frame with ``broken`` field names: the request
+    when its id is usable, else the type."""
+    return kind if broken == "request_id" or "request_id" not in _FIELDS[kind] else RID
+
+
 @st.composite
 def _wrong_frame_field(draw_: st.DrawFn) -> FrameCase:
     kind = draw_(st.sampled_from(sorted(_FIELDS)))
@@ -575,7 +591,7 @@ def _wrong_frame_field(draw_: st.DrawFn) -> FrameCase:
         f"{kind}.{name} wrong",
         dumps(msg, ascii_only),
         "nak",
-        in_reply_to=kind,
+        in_reply_to=_names(kind, name),
         mentions=(f"`$.{name}`",),
         ascii_only=ascii_only,
     )
@@ -591,7 +607,7 @@ def _missing_frame_field(draw_: st.DrawFn) -> FrameCase:
         f"{kind}.{name} missing",
         dumps(msg, True),
         "nak",
-        in_reply_to=kind,
+        in_reply_to=_names(kind, name),
         mentions=(f"missing required field `{name}`",),
     )
 
@@ -605,8 +621,8 @@ def _unknown_type(draw_: st.DrawFn) -> FrameCase:
     return FrameCase(
         "unknown type",
         dumps(msg, ascii_only),
-        "nak",
-        in_reply_to=kind[:MAX_TYPE_ECHO] or "unknown",  # a nak echoes a bounded type
+        "ignored",
+        in_reply_to=kind[:MAX_TYPE_ECHO] or "unknown",  # what the decoder reports
         code="unknown_message_type",
         mentions=("unknown message type",),
     )
@@ -687,7 +703,7 @@ def _huge_number_frame(draw_: st.DrawFn) -> FrameCase:
     literal = draw_(st.sampled_from(["1e400", "-1e400", "1" + "0" * 5000, "-" + "9" * 5000]))
     frame = f'{{"type":"preflight","request_id":"{RID}","estimated_tokens":{literal}}}'
     return FrameCase(
-        "huge number", frame, "nak", in_reply_to="preflight", mentions=("`$.estimated_tokens`",)
+        "huge number", frame, "nak", in_reply_to=RID, mentions=("`$.estimated_tokens`",)
     )
 
 

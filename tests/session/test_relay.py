@@ -190,16 +190,17 @@ async def test_streamed_reasoning_and_tool_calls_have_openai_deltas() -> None:
     ]
     finishes = [e["choices"][0]["finish_reason"] for e in _events(sent) if e["choices"]]
     assert finishes[-1] == "tool_calls"
-    # What was delivered, for the receipt's output record.
-    assert job.tool_calls is not None
-    assert [(c.id, c.type, c.function.name, c.function.arguments) for c in job.tool_calls] == [
-        ("call_" + "a" * 24, "function", "get_weather", '{"city": "Oslo"}'),
-        ("call_" + "b" * 24, "function", "add", '{"a": 1}'),
+    # What was delivered, for the receipt's output record: no reasoning in it.
+    assert job.delivered.content == "\n"
+    assert job.delivered.finish_reason == "tool_calls"
+    assert [(c.id, c.name, c.arguments) for c in job.delivered.tool_calls or []] == [
+        ("call_" + "a" * 24, "get_weather", '{"city": "Oslo"}'),
+        ("call_" + "b" * 24, "add", '{"a": 1}'),
     ]
 
 
 async def test_whole_answer_with_reasoning_and_tool_calls() -> None:
-    _, outcome, sent = await _run(REASONED_CALL, False)
+    job, outcome, sent = await _run(REASONED_CALL, False)
     assert outcome.status == "complete" and len(sent) == 1
     body = json.loads(sent[0].data)
     choice = body["choices"][0]
@@ -209,6 +210,7 @@ async def test_whole_answer_with_reasoning_and_tool_calls() -> None:
     assert message["reasoning_content"] == "I need the weather."
     assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather", "add"]
     assert choice["logprobs"] is None
+    assert job.delivered.content == "" and len(job.delivered.tool_calls or []) == 2
 
 
 async def test_logprobs_travel_with_their_text() -> None:
