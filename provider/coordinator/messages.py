@@ -43,6 +43,8 @@ EndStatus = Literal[
     "error_model_not_loaded",
     "error_internal",
     "provider_timeout",
+    "malformed_json_response",
+    "json_schema_validation_failed",
 ]
 PreflightReason = Literal[
     "context_exceeds_capacity", "queue_full", "draining", "model_not_loaded", "unhealthy"

@@ -70,12 +70,13 @@ def _run_one(rt: Runtime, job: GenerationJob, pending: deque[GenerationJob]) -> 
             rt.stream,
             max_tokens=job.max_tokens,
             sampler=job.sampler,
+            logits_processors=job.logits_processors or None,
             prefill_step_size=rt.prefill_step_size,
             prompt_progress_callback=progress,
         )
         try:
-            for token, _ in steps:
-                if job.on_token(int(token)):
+            for token, logprobs in steps:
+                if job.on_token(int(token), logprobs):
                     break
                 rt.step_done(job, "decode")
                 _sweep(rt, pending)
