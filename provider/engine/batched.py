@@ -111,7 +111,7 @@ def serve_batched(rt: Runtime) -> None:
                     job = running.get(r.uid)
                     if job is None:
                         continue
-                    done = rt.guarded(job, job.on_token, int(r.token))
+                    done = rt.guarded(job, job.on_token, int(r.token), r.logprobs)
                     if not done and r.finish_reason is None:
                         done = rt.guarded(job, rt.step_done, job, "decode")
                     if done or r.finish_reason is not None:
@@ -140,21 +140,22 @@ def serve_batched(rt: Runtime) -> None:
             if filling is None:
                 continue
             job = filling.job
-            token = None
+            first = None
             try:
                 fill_chunk(rt, filling)
                 if filling.filled and not job.cancel.is_set():
                     # In the same turn: no decode step of the others comes
                     # between the prefill and the first token.
-                    token = first_token(rt, filling)
+                    first = first_token(rt, filling)
             except Exception as exc:
                 log.exception("%s: prefill failed", job.request_id)
                 job.fail(EngineError("error_internal", f"generation failed: {exc}"))
-            if token is None and not job.done:
+            if first is None and not job.done:
                 continue  # more chunks to go
             if not job.done:
-                assert token is not None
-                done = rt.guarded(job, job.on_token, token)
+                assert first is not None
+                token, logprobs = first
+                done = rt.guarded(job, job.on_token, token, logprobs)
                 if not done:
                     done = rt.guarded(job, rt.step_done, job, "decode")
                 if not done:
@@ -167,6 +168,7 @@ def serve_batched(rt: Runtime) -> None:
                             caches=[filling.cache],
                             all_tokens=[job.prompt],
                             samplers=[job.sampler],
+                            logits_processors=[job.logits_processors],
                             stop_sequences=[eos_stop],
                         )
                     except Exception as exc:
@@ -179,4 +181,3 @@ def serve_batched(rt: Runtime) -> None:
                 rt.finished(job)
     finally:
         generator.close()
-

@@ -40,15 +40,17 @@ from typing import Any
 
 from provider.engine import EngineError, EngineTimings, ModelInfo, TokenBatch
 from provider.engine.batched import serve_batched
-from provider.engine.job import GenerationJob, RequestStats, StepKind
+from provider.engine.job import GenerationJob, RequestStats, StepKind, request_options
 from provider.engine.loading import (
     load_model,
+    logits_width,
     make_eos_mask,
     measure_throughput,
     model_hash,
 )
 from provider.engine.pacing import GapWindow, PrefillPacer
 from provider.engine.runtime import Runtime
+from provider.engine.sampling import TokenTable
 from provider.engine.sequential import serve_sequential
 from provider.engine.text import encode_chat
 from provider.openai.request import ChatCompletionRequest, ChatMessage
@@ -187,6 +189,8 @@ class MlxEngine:
         self._greedy: Callable[[Any], Any] | None = None
         self._eos_mask: Any = None
         self._context_tokens = 0
+        self._vocab_size = 0
+        self._table: TokenTable | None = None
 
     # -- Engine protocol -----------------------------------------------------
 
@@ -276,19 +280,11 @@ class MlxEngine:
             self._request_seq += 1
             request_id = request_id or f"req-{self._request_seq}"
             loop = asyncio.get_running_loop()
-            prompt = await loop.run_in_executor(self._tokenize_pool, self._encode, request)
-            max_tokens = self._completion_budget(len(prompt), request.token_limit())
-            job = self._new_job(
-                request_id,
-                prompt,
-                max_tokens,
-                cancel,
-                loop,
-                temperature=request.temperature or 0.0,
-                top_p=request.top_p if request.top_p is not None else 1.0,
-                seed=request.seed,
-                stop=request.stop_list(),
+            prompt, options = await loop.run_in_executor(
+                self._tokenize_pool, self._prepare, request
             )
+            max_tokens = self._completion_budget(len(prompt), request.token_limit())
+            job = self._new_job(request_id, prompt, max_tokens, cancel, loop, **options)
             log.debug(
                 "%s: prompt %d tokens, max_tokens %d, temperature %s, %d stop strings",
                 request_id,
@@ -367,6 +363,30 @@ class MlxEngine:
                 "error_internal", f"the model's chat template rejected the messages: {exc}"
             ) from exc
 
+    def _prepare(self, request: ChatCompletionRequest) -> tuple[list[int], dict[str, Any]]:
+        """Prompt ids and job options of ``request`` (in the tokenizing executor)."""
+        prompt = self._encode(request)
+        with self._tokenizer_lock:
+            options = request_options(
+                self._tokenizer,
+                request,
+                prompt,
+                vocab_size=self._vocab_size,
+                table=self._token_table,
+            )
+        return prompt, options
+
+    def _token_table(self) -> TokenTable:
+        """The model's token table, built by the first request that needs it (in the
+        tokenizing executor, so one at a time), then shared read-only."""
+        if self._table is None:
+            self._table = TokenTable(
+                self._tokenizer._tokenizer,
+                vocab_size=self._vocab_size,
+                eos_token_ids=self._tokenizer.eos_token_ids,
+            )
+        return self._table
+
     def _encode_text(self, text: str) -> list[int]:
         return self._encode(
             ChatCompletionRequest(messages=[ChatMessage(role="user", content=text)])
@@ -396,6 +416,7 @@ class MlxEngine:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: list[str] | None = None,
+        **options: Any,
     ) -> GenerationJob:
         stats = RequestStats(
             request_id=request_id,
@@ -419,6 +440,7 @@ class MlxEngine:
             loop=loop,
             stats=stats,
             handoff_interval=self.handoff_interval,
+            **options,
         )
 
     def _submit(self, job: GenerationJob) -> None:
@@ -433,12 +455,20 @@ class MlxEngine:
         while True:
             await job.event.wait()
             job.event.clear()
-            text, completion_tokens, finish, error = job.take()
-            if error is not None:
-                raise error
-            if text or finish is not None or completion_tokens:
-                yield TokenBatch(text, prompt_tokens, completion_tokens, finish)
-            if finish is not None:
+            out = job.take()
+            if out.error is not None:
+                raise out.error
+            if out.text or out.finish is not None or out.tokens or out.reasoning or out.tool_calls:
+                yield TokenBatch(
+                    out.text,
+                    prompt_tokens,
+                    out.tokens,
+                    out.finish,
+                    reasoning=out.reasoning,
+                    tool_calls=out.tool_calls,
+                    logprobs=out.logprobs,
+                )
+            if out.finish is not None:
                 return
 
     # -- generation thread -------------------------------------------------------
@@ -448,6 +478,7 @@ class MlxEngine:
     def _thread_main(self, loaded: concurrent.futures.Future[ModelInfo]) -> None:
         import mlx.core as mx
         from mlx_lm.generate import wired_limit
+        from mlx_lm.sample_utils import greedy_sampler
 
         try:
             self._stream = mx.new_stream(mx.default_device())
@@ -474,6 +505,8 @@ class MlxEngine:
             hook=lambda: self.step_hook,
             pacer=self._pacer,
             gaps=self._gaps,
+            vocab_size=self._vocab_size,
+            plain_greedy=greedy_sampler,
         )
         try:
             with mx.stream(self._stream), wired_limit(self._model, [self._stream]):
@@ -524,6 +557,7 @@ class MlxEngine:
         model, tokenizer = loaded.model, loaded.tokenizer
         self._model, self._tokenizer, self._config = model, tokenizer, loaded.config
         self._context_tokens = loaded.context_tokens
+        self._vocab_size = logits_width(model, loaded.config, tokenizer)
 
         if self.ignore_eos and tokenizer.eos_token_ids:
             mask = make_eos_mask(model, tokenizer, loaded.config)

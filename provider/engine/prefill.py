@@ -66,13 +66,23 @@ def fill_chunk(rt: Runtime, fill: Prefill) -> None:
     rt.step_done(job, "prefill")
 
 
-def first_token(rt: Runtime, fill: Prefill) -> int:
-    """Run the last prompt token through the filled cache and sample the first completion token."""
+def first_token(rt: Runtime, fill: Prefill) -> tuple[int, Any]:
+    """Run the last prompt token through the filled cache: the first completion token.
+
+    Returns the token and its step's log-probabilities. The request's logits
+    processors see the prompt, as in :func:`mlx_lm.generate.generate_step`.
+    """
     import mlx.core as mx
 
     job = fill.job
+    prompt = job.prompt
+    logits = rt.model(mx.array(prompt[-1:])[None], cache=fill.cache)[:, -1, :]
+    if job.logits_processors:
+        tokens = mx.array(prompt)
+        for processor in job.logits_processors:
+            logits = processor(tokens, logits)
     assert job.sampler is not None
-    logits = rt.model(mx.array(job.prompt[-1:])[None], cache=fill.cache)[:, -1, :]
-    token = job.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-    fill.done = len(job.prompt)
-    return int(token.item())
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    token = job.sampler(logprobs)
+    fill.done = len(prompt)
+    return int(token.item()), logprobs[0]

@@ -50,6 +50,10 @@ class Runtime:
     hook: Callable[[], StepHook | None]
     pacer: PrefillPacer
     gaps: GapWindow
+    #: The model's logits width (token ids are below it).
+    vocab_size: int = 0
+    #: Greedy without the EOS mask (for grammar-constrained requests).
+    plain_greedy: Sampler | None = None
 
     def take_commands(self, *, block: bool) -> list[GenerationJob | None]:
         """Everything queued now; with ``block``, wait for at least one item."""
@@ -69,12 +73,17 @@ class Runtime:
         job.stats.started_at = time.perf_counter()
         job.detokenizer = self.tokenizer.detokenizer
         job.eos = frozenset(self.tokenizer.eos_token_ids)
+        # A grammar decides when EOS may come; the benchmark EOS mask must not fight it.
+        constrained = job.grammar is not None
         job.sampler = make_sampler(
             temperature=job.temperature,
             top_p=job.top_p,
             seed=job.seed,
-            greedy=self.greedy,
-            eos_mask=self.eos_mask,
+            greedy=self.plain_greedy if constrained else self.greedy,
+            eos_mask=None if constrained else self.eos_mask,
+            top_k=job.top_k,
+            min_p=job.min_p,
+            vocab_size=self.vocab_size,
         )
         job.record_tokens = self.record_token_ids
         job.gaps = self.gaps

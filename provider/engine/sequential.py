@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import Any
 
 from provider.engine import EngineError
 from provider.engine.job import GenerationJob
@@ -76,11 +77,12 @@ def _run_one(rt: Runtime, job: GenerationJob, pending: deque[GenerationJob]) -> 
             max_tokens=job.max_tokens,
             sampler=job.sampler,
             prompt_cache=fill.cache,
+            logits_processors=_with_prefix(job.logits_processors, job.prompt[: fill.done]),
             prefill_step_size=rt.prefill_step_size,
         )
         try:
-            for token, _ in steps:
-                if job.on_token(int(token)):
+            for token, logprobs in steps:
+                if job.on_token(int(token), logprobs):
                     break
                 rt.step_done(job, "decode")
                 _sweep(rt, pending)
@@ -93,3 +95,24 @@ def _run_one(rt: Runtime, job: GenerationJob, pending: deque[GenerationJob]) -> 
         log.exception("%s: generation failed", job.request_id)
         job.fail(EngineError("error_internal", f"generation failed: {exc}"))
     rt.finished(job)
+
+
+def _with_prefix(processors: list[Any], prefix: list[int]) -> list[Any] | None:
+    """``processors`` seeing ``prefix`` before the tokens ``generate_step`` passes them.
+
+    ``generate_step`` gives its logits processors the tokens it processed
+    itself; the prompt prefilled before it (all but the last token) would be
+    missing from their context (a repetition penalty counts the prompt).
+    """
+    if not processors:
+        return None
+    if not prefix:
+        return processors
+    import mlx.core as mx
+
+    head = mx.array(prefix)
+
+    def seeing_prefix(processor: Any) -> Any:
+        return lambda tokens, logits: processor(mx.concatenate([head, tokens]), logits)
+
+    return [seeing_prefix(p) for p in processors]

@@ -157,3 +157,25 @@ async def test_the_default_slice_is_100ms_or_3_decode_steps(make_engine: MakeEng
     assert info is not None
     expected = default_slice_ms(info.throughput_tps_estimate)
     assert engine.timings().prefill_slice_s == pytest.approx(expected / 1000, rel=0.05)
+
+
+async def test_logits_processors_see_the_whole_prompt_in_both_schedulers(
+    make_engine: MakeEngine,
+) -> None:
+    # A repetition penalty counts the last 20 tokens, prompt included. The
+    # sequential scheduler prefills before generate_step, which alone would
+    # show its processors only the last prompt token. Each prompt ends with
+    # the model's own greedy continuation, so the penalty changes the answer.
+    single = await make_engine(max_concurrency=1, ignore_eos=True, prefill_slice_ms=SLICE_MS)
+    batched = await make_engine(max_concurrency=4, ignore_eos=True, prefill_slice_ms=SLICE_MS)
+    penalised = 0
+    for i in range(4):
+        prompt = f"{i} " + "tell me more " * 10
+        prompt += text_of(await collect(single, chat(prompt, max_tokens=30)))
+        plain = text_of(await collect(single, chat(prompt, max_tokens=12)))
+        request = chat(prompt, max_tokens=12, repetition_penalty=2.0)
+        one = text_of(await collect(single, request, None, f"s{i}"))
+        assert one == text_of(await collect(batched, request))
+        assert single.last_stats[f"s{i}"].prefill_tokens > 0  # prefilled before generate_step
+        penalised += one != plain
+    assert penalised >= 2  # the penalty did bite
