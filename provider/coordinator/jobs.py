@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from provider.coordinator.messages import EndStatus, InferenceResponseChunk, InferenceResponseEnd
 from provider.engine import Engine, EngineError, TokenBatch
-from provider.openai.completions import CompletionFormatter, make_usage
+from provider.openai.completions import CompletionFormatter, completion_usage, make_usage
 from provider.openai.request import ChatCompletionRequest
 from provider.openai.response import Usage
 
@@ -56,9 +56,13 @@ class Job:
     #: Why cancel was set: "cancel_request:<reason>", "deadline", "disconnect", "drain_timeout".
     cancel_reason: str | None = None
     token_limit: int = 0
+    #: The coordinator's conversation hint, passed to the engine's prefix cache.
+    conversation_key: str | None = None
     chunks_sent: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: Prompt tokens the engine took from its prefix cache.
+    cached_tokens: int = 0
     first_token_at: float | None = None
     finished_at: float | None = None
     task: asyncio.Task[None] | None = None
@@ -124,7 +128,9 @@ async def relay(
     passed. ``clock`` (default :func:`time.monotonic`) times the flushes.
     """
     fmt = CompletionFormatter(job.request_id, model_id, include_usage=request.include_usage())
-    stream = engine.generate(request, job.cancel)
+    # Only engines that take hints get one (see provider.engine's contract).
+    hints = {"conversation_key": job.conversation_key} if job.conversation_key else {}
+    stream = engine.generate(request, job.cancel, **hints)
     pending = ""
     text_parts: list[str] = []
     last_flush = 0.0
@@ -173,6 +179,7 @@ async def relay(
                 raise EngineError("error_internal", "engine ended without a finish") from None
             job.prompt_tokens = batch.prompt_tokens
             job.completion_tokens = batch.completion_tokens
+            job.cached_tokens = batch.cached_tokens
             if batch.finish_reason is not None:
                 final = batch
                 pending += batch.text
@@ -199,7 +206,7 @@ async def relay(
         if job.cancel_reason == "deadline":
             return Outcome("provider_timeout", "the request ran past its deadline", True)
         return Outcome("cancelled", job.cancel_reason)
-    usage = job.usage()
+    usage = completion_usage(job.prompt_tokens, job.completion_tokens, job.cached_tokens)
     if job.stream:
         data = fmt.stream_end(pending, final.finish_reason, usage, first=job.chunks_sent == 0)
     else:

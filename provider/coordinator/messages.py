@@ -204,6 +204,9 @@ class InferenceRequest(_Message, tag="inference_request", kw_only=True):
     stream: bool
     # Its size in bytes is checked by decode_chat_request, with a buyer-facing message.
     body: str
+    # A hint that requests belong to one conversation (for the prefix cache,
+    # which keeps it hashed); never used to look anything up.
+    conversation_key: str | None = None
 
 
 class CancelRequest(_Message, tag="cancel_request", kw_only=True):

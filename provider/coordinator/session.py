@@ -380,7 +380,9 @@ class Session:
                 )
             )
             return
-        job = Job(request_id=msg.request_id, stream=msg.stream)
+        job = Job(
+            request_id=msg.request_id, stream=msg.stream, conversation_key=msg.conversation_key
+        )
         outcome = self._refusal()
         request: ChatCompletionRequest | None = None
         if outcome is None:
@@ -465,10 +467,14 @@ class Session:
             reason = "queue_full"
         elif agent.state.state == "degraded":
             reason = "unhealthy"
+        wait_ms = 0
+        if reason is None:
+            # Slots, memory and the prompts queued ahead, from what the engine measured.
+            wait_ms = agent.engine.estimated_wait_ms(msg.estimated_tokens)
         return PreflightAck(
             request_id=msg.request_id,
             accepted=reason is None,
-            estimated_wait_ms=0,
+            estimated_wait_ms=wait_ms,
             reason=reason,
             max_context_tokens=max_ctx,
         )

@@ -36,8 +36,11 @@ class RequestStats:
     ``prefill_chunks`` counts prompt chunks processed before the first decode
     step; ``decode_steps`` counts tokens sampled (EOS included);
     ``completion_tokens`` counts tokens returned in usage (EOS excluded);
-    ``token_ids`` holds them when the engine records token ids. Times are
-    :func:`time.perf_counter` values.
+    ``token_ids`` holds them when the engine records token ids;
+    ``cached_tokens`` counts prompt tokens taken from the prefix cache;
+    ``speculation`` says how the request decoded (``"draft"``, ``"lookup"``
+    or None) and ``drafted``/``accepted`` count proposed and accepted
+    tokens. Times are :func:`time.perf_counter` values.
     """
 
     request_id: str
@@ -49,6 +52,10 @@ class RequestStats:
     finish_reason: FinishReason | None = None
     error: str | None = None
     token_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    speculation: str | None = None
+    drafted: int = 0
+    accepted: int = 0
     submitted_at: float = 0.0
     started_at: float | None = None
     first_token_at: float | None = None
@@ -92,6 +99,8 @@ class GenerationJob:
         loop: asyncio.AbstractEventLoop | None,
         stats: RequestStats,
         handoff_interval: float = 0.0,
+        conversation: str | None = None,
+        use_cache: bool = True,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
@@ -103,6 +112,10 @@ class GenerationJob:
         self.cancel = cancel
         self.loop = loop
         self.stats = stats
+        #: Hashed conversation hint for the prefix cache (never the key itself).
+        self.conversation = conversation
+        #: Whether the prefix cache serves and keeps this request's KV cache.
+        self.use_cache = use_cache
         # Set by the generation thread when the job starts.
         self.sampler: Callable[[Any], Any] | None = None
         self.detokenizer: Any = None
@@ -113,6 +126,11 @@ class GenerationJob:
         # Hand-off to the event loop.
         self.lock = threading.Lock()
         self.event = asyncio.Event()
+        #: Set once the generation thread is done with the job: its KV cache
+        #: stored, its memory released (after the finish reached the reader).
+        self.ended = asyncio.Event()
+        #: Called on the loop when :attr:`ended` is set.
+        self.on_ended: Callable[[GenerationJob], None] | None = None
         self.out: list[str] = []
         self.out_tokens = 0
         self.out_finish: FinishReason | None = None
@@ -208,6 +226,20 @@ class GenerationJob:
             self.loop.call_soon_threadsafe(self.event.set)
         except RuntimeError:
             pass  # the loop is closed: nobody is reading any more
+
+    def mark_ended(self) -> None:
+        """Set :attr:`ended` on the loop (called by the generation thread, last)."""
+        if self.loop is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._ended)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting
+
+    def _ended(self) -> None:
+        self.ended.set()
+        if self.on_ended is not None:
+            self.on_ended(self)
 
     # -- event loop ----------------------------------------------------------
 

@@ -2,7 +2,10 @@
 
 A :class:`Runtime` is made on the generation thread after loading and used
 only there: the model, the tokenizer, the MLX stream, the command queue the
-event loop submits jobs through, and the stop flag.
+event loop submits jobs through, and the stop flag; and where a request's KV
+cache comes from and goes to: the prefix cache (:mod:`.prompt_cache`), the
+memory book (:mod:`.capacity`), KV quantization and speculative decoding
+(:mod:`.speculative`).
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from provider.engine import EngineError
+from provider.engine.capacity import Capacity
 from provider.engine.job import GenerationJob, RequestStats, StepKind
+from provider.engine.prompt_cache import MISS, Hit, PromptCache, cache_length
 from provider.engine.sampling import Sampler, make_sampler
+from provider.engine.speculative import LookupCosts, eligible
 
 log = logging.getLogger("mlx_provider.engine")
 
@@ -44,6 +50,14 @@ class Runtime:
     prefill_step_size: int
     record_token_ids: bool
     hook: Callable[[], StepHook | None]
+    prompt_cache: PromptCache | None = None
+    capacity: Capacity | None = None
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 5000
+    draft_model: Any = None
+    num_draft_tokens: int = 3
+    lookup: LookupCosts | None = None
 
     def take_commands(self, *, block: bool) -> list[GenerationJob | None]:
         """Everything queued now; with ``block``, wait for at least one item."""
@@ -86,10 +100,158 @@ class Runtime:
             job.fail(EngineError("error_internal", f"generation failed: {exc}"))
         return job.done
 
+    # -- where a request's KV cache comes from and goes to ---------------------
+
+    def kv_args(self) -> dict[str, Any]:
+        """KV quantization settings, as mlx-lm's generate functions take them."""
+        return {
+            "kv_bits": self.kv_bits,
+            "kv_group_size": self.kv_group_size,
+            "quantized_kv_start": self.quantized_kv_start,
+        }
+
+    def fetch(self, job: GenerationJob, *, draft: bool = False) -> Hit:
+        """The KV cache ``job`` starts from: its longest cached prefix, else a new one.
+
+        The hit's ``tokens`` prompt tokens are already in the cache (and in
+        ``job.stats.cached_tokens``); ``draft`` also asks for the draft
+        model's cache (a new one when the entry has none).
+        """
+        from mlx_lm.models.cache import make_prompt_cache
+
+        hit = MISS
+        if self.prompt_cache is not None and self.prompt_cache.enabled and job.use_cache:
+            try:
+                hit = self.prompt_cache.fetch(job.prompt, draft=draft)
+            except Exception:
+                log.exception("%s: prompt cache lookup failed; prefilling it all", job.request_id)
+                hit = MISS
+        job.stats.cached_tokens = hit.tokens
+        cache = hit.cache if hit.cache is not None else make_prompt_cache(self.model)
+        draft_cache = hit.draft
+        if draft and draft_cache is None and self.draft_model is not None:
+            draft_cache = make_prompt_cache(self.draft_model)
+        return Hit(cache, draft_cache, hit.tokens)
+
+    def keep(
+        self,
+        job: GenerationJob,
+        cache: list[Any] | None,
+        tokens: Sequence[int],
+        *,
+        draft: list[Any] | None = None,
+    ) -> None:
+        """Store ``cache`` in the prefix cache under the tokens it holds.
+
+        ``tokens`` are the prompt and then every token generated; the cache
+        holds the first ``offset`` of them (fewer when a cancel cut the
+        prefill, or speculation rewound it). Never fails the request.
+        """
+        store = self.prompt_cache
+        if store is None or cache is None or not store.enabled or not job.use_cache:
+            return
+        try:
+            n = cache_length(cache)
+            if n is None:
+                n = len(tokens)
+            if draft is not None:
+                n_draft = cache_length(draft)
+                if n_draft is None or n_draft < n:
+                    draft = None  # keep the main cache alone rather than shorten it
+            if n <= job.stats.cached_tokens or n > len(tokens):
+                return  # nothing the cache does not have already, or not ours to key
+            limit = None
+            if self.capacity is not None:
+                limit = self.capacity.budget - self.capacity.reserved_except(job.request_id)
+            store.store(tokens[:n], cache, draft=draft, conversation=job.conversation, limit=limit)
+        except Exception:
+            log.exception("%s: could not store the KV cache", job.request_id)
+
+    def keep_batched(
+        self,
+        generator: Any,
+        uids: Sequence[int],
+        jobs: Mapping[int, GenerationJob],
+        ended: Mapping[int, Any] | None = None,
+    ) -> None:
+        """:meth:`keep` for requests in a BatchGenerator, before they are removed from it.
+
+        ``ended`` maps the uids the generator finished itself to their
+        responses, which carry the extracted cache and tokens.
+        """
+        store = self.prompt_cache
+        if store is None or not store.enabled or not uids:
+            return
+        ended = ended or {}
+        try:
+            extracted = generator.extract_cache([u for u in uids if u not in ended])
+        except Exception:
+            log.exception("could not extract KV caches from the batch")
+            extracted = {}
+        for uid in uids:
+            job = jobs.get(uid)
+            if job is None:
+                continue
+            if uid in ended:
+                cache, tokens = ended[uid].prompt_cache, ended[uid].all_tokens
+            elif uid in extracted:
+                cache, tokens = extracted[uid]
+            else:
+                continue
+            self.keep(job, cache, tokens or [])
+
+    def admit(self, job: GenerationJob, *, alone: bool = False) -> bool:
+        """Reserve ``job``'s KV memory if it fits beside the running requests.
+
+        ``alone`` (nothing else runs) always admits: a request that does not
+        fit alone was refused before it was queued, so this only keeps a
+        stale book from stalling the queue. Admitting takes back from the
+        prefix cache what the reservation needs.
+        """
+        capacity = self.capacity
+        if capacity is None:
+            return True
+        context = len(job.prompt) + job.max_tokens
+        if not capacity.admit(job.request_id, context):
+            if not alone:
+                return False
+            capacity.admitted[job.request_id] = context
+            capacity.blocked = None
+        if self.prompt_cache is not None:
+            self.prompt_cache.evict_to(capacity.budget - capacity.reserved)
+        return True
+
+    def speculation(
+        self, job: GenerationJob, cache: list[Any]
+    ) -> Literal["draft", "lookup"] | None:
+        """How ``job`` decodes: with the draft model, with prompt lookup, or plainly."""
+        if not eligible(job, cache):
+            return None
+        if self.draft_model is not None:
+            return "draft"
+        if self.lookup is not None:
+            return "lookup"
+        return None
+
     def finished(self, job: GenerationJob) -> None:
         stats = job.stats
         if stats.finished_at is None:
             stats.finished_at = time.perf_counter()
+        capacity = self.capacity
+        if capacity is not None:
+            capacity.release(job.request_id)
+            if stats.finish_reason in ("stop", "length"):
+                prefill_s = None
+                if stats.first_token_at is not None and stats.started_at is not None:
+                    prefill_s = stats.first_token_at - stats.started_at
+                capacity.observe(
+                    prefilled=stats.prompt_tokens - stats.cached_tokens,
+                    prefill_s=prefill_s,
+                    decode_tps=stats.decode_tps,
+                    completion=stats.completion_tokens,
+                    limit=stats.max_tokens,
+                )
+        job.mark_ended()
         ttft = stats.ttft_s
         tps = stats.decode_tps
         log.debug(
@@ -101,3 +263,4 @@ class Runtime:
             "-" if ttft is None else f"{ttft * 1000:.0f}",
             "-" if tps is None else f"{tps:.1f}",
         )
+

@@ -18,8 +18,10 @@ from provider.openai.response import (
     Choice,
     ChoiceMessage,
     ChunkChoice,
+    CompletionUsage,
     Delta,
     FinishReason,
+    PromptTokensDetails,
     Usage,
     encode,
     sse_event,
@@ -27,10 +29,24 @@ from provider.openai.response import (
 
 
 def make_usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    """The usage of an ``inference_response_end``."""
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def completion_usage(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+) -> CompletionUsage:
+    """The usage of an OpenAI response body: ``cached_tokens`` of the prompt came from
+    the prefix cache (``usage.prompt_tokens_details.cached_tokens``)."""
+    return CompletionUsage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
     )
 
 
@@ -64,7 +80,9 @@ class CompletionFormatter:
             out += self._chunk(Delta(content=text))
         return out
 
-    def stream_end(self, text: str, finish: FinishReason, usage: Usage, *, first: bool) -> str:
+    def stream_end(
+        self, text: str, finish: FinishReason, usage: Usage | CompletionUsage, *, first: bool
+    ) -> str:
         """SSE text closing the stream: last content, finish, usage, [DONE]."""
         out = self.stream_delta(text, first=first)
         out += self._chunk(Delta(), finish)
@@ -75,18 +93,24 @@ class CompletionFormatter:
                     created=self.created,
                     model=self.model,
                     choices=[],
-                    usage=usage,
+                    usage=_completion_usage(usage),
                 )
             )
         return out + SSE_DONE
 
-    def completion(self, text: str, finish: FinishReason, usage: Usage) -> str:
+    def completion(self, text: str, finish: FinishReason, usage: Usage | CompletionUsage) -> str:
         """The whole ``chat.completion`` JSON of a non-streaming request."""
         body = ChatCompletion(
             id=self.completion_id,
             created=self.created,
             model=self.model,
             choices=[Choice(message=ChoiceMessage(content=text), finish_reason=finish)],
-            usage=usage,
+            usage=_completion_usage(usage),
         )
         return encode(body).decode()
+
+
+def _completion_usage(usage: Usage | CompletionUsage) -> CompletionUsage:
+    if isinstance(usage, CompletionUsage):
+        return usage
+    return completion_usage(usage.prompt_tokens, usage.completion_tokens)

@@ -179,6 +179,27 @@ def _text(value: Any) -> str:
     return "-" if value is None or value == "" else str(value)
 
 
+def _kv_rows(memory: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """KV memory and prefix cache rows, when the engine reported them."""
+    if "kv_budget_bytes" not in memory:
+        return []
+    cache = memory.get("prompt_cache") or {}
+    hit_rate = cache.get("hit_rate")
+    rate = f"{hit_rate:.0%}" if isinstance(hit_rate, int | float) else "-"
+    return [
+        (
+            "KV memory",
+            f"{_bytes(memory.get('kv_reserved_bytes'))} reserved of "
+            f"{_bytes(memory.get('kv_budget_bytes'))}",
+        ),
+        (
+            "prompt cache",
+            f"{_bytes(cache.get('bytes'))} of {_bytes(cache.get('max_bytes'))}, "
+            f"{_text(cache.get('entries'))} entries, hit rate {rate}",
+        ),
+    ]
+
+
 def format_status_table(status: Mapping[str, Any], *, now: float | None = None) -> str:
     """Render a ``/status`` dict as a two-column table for ``mlx-provider status``.
 
@@ -188,7 +209,8 @@ def format_status_table(status: Mapping[str, Any], *, now: float | None = None) 
     (with ``slots_free`` and ``slots_total`` when present), ``totals``
     (``requests``, ``complete``, ``cancelled``, ``errors``, ``tokens_generated``),
     ``model`` (``id``, ``params_b``, ``loading``, ``max_context_tokens``),
-    ``memory`` (``rss_bytes``), ``reconnects``, ``uptime_s``.
+    ``memory`` (``rss_bytes``; ``kv_reserved_bytes``, ``kv_budget_bytes`` and
+    ``prompt_cache`` when the engine reports them), ``reconnects``, ``uptime_s``.
     ``now`` (default: the current time) dates the heartbeat.
     """
     now = time.time() if now is None else now
@@ -236,6 +258,7 @@ def format_status_table(status: Mapping[str, Any], *, now: float | None = None) 
         ("tokens generated", _text(totals.get("tokens_generated"))),
         ("model", model_text),
         ("memory (RSS)", _bytes(memory.get("rss_bytes"))),
+        *_kv_rows(memory),
         ("reconnects", _text(status.get("reconnects"))),
         ("uptime", _duration(status.get("uptime_s"))),
     ]
