@@ -468,7 +468,7 @@ class Session:
         elif agent.state.state == "degraded":
             reason = "unhealthy"
         wait_ms = 0
-        if reason is None:
+        if reason in (None, "queue_full"):
             # Slots, memory and the prompts queued ahead, from what the engine measured.
             wait_ms = agent.engine.estimated_wait_ms(msg.estimated_tokens)
         return PreflightAck(
