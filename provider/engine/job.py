@@ -126,11 +126,12 @@ class GenerationJob:
         # Hand-off to the event loop.
         self.lock = threading.Lock()
         self.event = asyncio.Event()
-        #: Set once the generation thread is done with the job: its KV cache
-        #: stored, its memory released (after the finish reached the reader).
-        self.ended = asyncio.Event()
-        #: Called on the loop when :attr:`ended` is set.
-        self.on_ended: Callable[[GenerationJob], None] | None = None
+        # The generation thread is done with the job (its KV cache stored, its
+        # memory released), which happens after the finish reached the reader.
+        # Only a waiter (MlxEngine.settled) costs a wake-up of the loop.
+        self.ended = False
+        self.watched = False
+        self.ended_event = asyncio.Event()
         self.out: list[str] = []
         self.out_tokens = 0
         self.out_finish: FinishReason | None = None
@@ -228,18 +229,21 @@ class GenerationJob:
             pass  # the loop is closed: nobody is reading any more
 
     def mark_ended(self) -> None:
-        """Set :attr:`ended` on the loop (called by the generation thread, last)."""
-        if self.loop is None:
-            return
-        try:
-            self.loop.call_soon_threadsafe(self._ended)
-        except RuntimeError:
-            pass  # the loop is closed: nobody is waiting
+        """The generation thread is done with the job (it calls this last)."""
+        self.ended = True
+        if self.watched and self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(self.ended_event.set)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is waiting
 
-    def _ended(self) -> None:
-        self.ended.set()
-        if self.on_ended is not None:
-            self.on_ended(self)
+    async def wait_ended(self) -> None:
+        """Until :meth:`mark_ended` (event loop side)."""
+        # Flag first, then check: either the thread sees the flag and wakes
+        # us, or we see that it has ended.
+        self.watched = True
+        if not self.ended:
+            await self.ended_event.wait()
 
     # -- event loop ----------------------------------------------------------
 

@@ -35,6 +35,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -248,8 +249,9 @@ class MlxEngine:
         self._lookup: LookupCosts | None = None
         # Requests holding a slot, by request id (event loop only).
         self._jobs: dict[str, GenerationJob] = {}
-        # Jobs submitted whose bookkeeping the generation thread has not finished.
-        self._unsettled: set[GenerationJob] = set()
+        # Jobs submitted, while anything refers to them (the generation thread
+        # does until it is done with them).
+        self._unsettled: weakref.WeakSet[GenerationJob] = weakref.WeakSet()
 
     # -- Engine protocol -----------------------------------------------------
 
@@ -478,7 +480,7 @@ class MlxEngine:
         for job in list(self._unsettled):
             if self._thread is None or not self._thread.is_alive():
                 return  # a stopped thread ends nothing more
-            await job.ended.wait()
+            await job.wait_ended()
 
     @property
     def prompt_cache(self) -> PromptCache | None:
@@ -566,7 +568,6 @@ class MlxEngine:
             job.finish("cancelled")
             return
         self._unsettled.add(job)
-        job.on_ended = self._unsettled.discard
         self._commands.put(job)
 
     async def _results(self, job: GenerationJob) -> AsyncIterator[TokenBatch]:
@@ -663,6 +664,7 @@ class MlxEngine:
                 return
             if job is not None:
                 job.finish("cancelled")
+                job.mark_ended()
 
     def _load_model(self) -> ModelInfo:
         import mlx.core as mx

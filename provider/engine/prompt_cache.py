@@ -59,13 +59,14 @@ class Hit:
     """What :meth:`PromptCache.fetch` found.
 
     ``cache`` holds the first ``tokens`` prompt tokens (None on a miss);
-    ``draft`` the draft model's cache at the same tokens, when asked for and
-    stored.
+    ``draft`` the draft model's cache, when asked for, holding the first
+    ``draft_tokens``.
     """
 
     cache: list[Any] | None
     draft: list[Any] | None
     tokens: int
+    draft_tokens: int = 0
 
 
 MISS = Hit(None, None, 0)
@@ -145,7 +146,7 @@ class PromptCache:
             draft_cache = _prefix_copy(entry.draft, have, n)
         self.hits += 1
         self.cached_tokens += n
-        return Hit(cache, draft_cache, n)
+        return Hit(cache, draft_cache, n, n if draft_cache is not None else 0)
 
     # -- store -----------------------------------------------------------------
 

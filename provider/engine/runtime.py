@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,7 +23,13 @@ from provider.engine.capacity import Capacity
 from provider.engine.job import GenerationJob, RequestStats, StepKind
 from provider.engine.prompt_cache import MISS, Hit, PromptCache, cache_length
 from provider.engine.sampling import Sampler, make_sampler
-from provider.engine.speculative import LookupCosts, eligible
+from provider.engine.speculative import (
+    LookupCosts,
+    LookupStats,
+    eligible,
+    lookup_generate_step,
+    prefill,
+)
 
 log = logging.getLogger("mlx_provider.engine")
 
@@ -128,10 +134,10 @@ class Runtime:
                 hit = MISS
         job.stats.cached_tokens = hit.tokens
         cache = hit.cache if hit.cache is not None else make_prompt_cache(self.model)
-        draft_cache = hit.draft
-        if draft and draft_cache is None and self.draft_model is not None:
-            draft_cache = make_prompt_cache(self.draft_model)
-        return Hit(cache, draft_cache, hit.tokens)
+        if draft and hit.draft is None and self.draft_model is not None:
+            # The entry has no draft cache: the draft model starts from the beginning.
+            return Hit(cache, make_prompt_cache(self.draft_model), hit.tokens, 0)
+        return Hit(cache, hit.draft, hit.tokens, hit.draft_tokens)
 
     def keep(
         self,
@@ -155,9 +161,12 @@ class Runtime:
             if n is None:
                 n = len(tokens)
             if draft is not None:
+                # Speculation may leave the draft a token behind: keep both at its length.
                 n_draft = cache_length(draft)
-                if n_draft is None or n_draft < n:
-                    draft = None  # keep the main cache alone rather than shorten it
+                if n_draft is None:
+                    draft = None
+                else:
+                    n = min(n, n_draft)
             if n <= job.stats.cached_tokens or n > len(tokens):
                 return  # nothing the cache does not have already, or not ours to key
             limit = None
@@ -233,6 +242,88 @@ class Runtime:
             return "lookup"
         return None
 
+    def token_steps(
+        self, job: GenerationJob, hit: Hit, progress: Callable[[int, int], None]
+    ) -> Generator[tuple[int, Any, bool], None, None]:
+        """``job``'s prefill from ``hit``, then its tokens: ``(token, logprobs, from_draft)``.
+
+        Plainly through :func:`mlx_lm.generate.generate_step`, or
+        speculatively (:meth:`speculation`): then this module prefills (the
+        draft model too) and mlx-lm's speculative generator or prompt lookup
+        decodes. ``progress(done, total)`` is called after every prefill
+        chunk, as ``generate_step`` calls it, and may raise to stop. Sets
+        ``job.stats.speculation``, and ``drafted``/``accepted`` as it goes.
+        """
+        import mlx.core as mx
+        from mlx_lm.generate import (
+            generate_step,
+            maybe_quantize_kv_cache,
+            speculative_generate_step,
+        )
+
+        cache = hit.cache
+        assert cache is not None
+        mode = self.speculation(job, cache)
+        job.stats.speculation = mode
+        kv = self.kv_args()
+        if mode is None:
+            steps = generate_step(
+                mx.array(job.prompt[hit.tokens :]),
+                self.model,
+                self.stream,
+                max_tokens=job.max_tokens,
+                sampler=job.sampler,
+                prefill_step_size=self.prefill_step_size,
+                prompt_progress_callback=progress,
+                prompt_cache=cache,
+                **kv,
+            )
+            return _plain(steps)
+
+        def quantize(layers: list[Any]) -> None:
+            maybe_quantize_kv_cache(
+                layers, self.quantized_kv_start, self.kv_group_size, self.kv_bits
+            )
+
+        parts = [(self.model, cache, hit.tokens)]
+        if mode == "draft":
+            assert hit.draft is not None
+            parts.append((self.draft_model, hit.draft, hit.draft_tokens))
+        prefill(
+            parts, job.prompt, step=self.prefill_step_size, progress=progress, quantize=quantize
+        )
+        if mode == "draft":
+            assert hit.draft is not None
+            # mlx-lm quantizes a copy of this list: with kv_bits, ``cache``
+            # keeps the layers as they were at the switch (consistent, so the
+            # prefix cache keeps that much).
+            drafts = speculative_generate_step(
+                mx.array(job.prompt[-1:]),
+                self.model,
+                self.draft_model,
+                self.stream,
+                num_draft_tokens=self.num_draft_tokens,
+                max_tokens=job.max_tokens,
+                sampler=job.sampler,
+                prompt_cache=cache + hit.draft,
+                **kv,
+            )
+            return _counted(drafts, job.stats, self.num_draft_tokens)
+        assert self.lookup is not None
+        lookup = LookupStats()
+        steps = lookup_generate_step(
+            job.prompt,
+            self.model,
+            cache,
+            self.stream,
+            sampler=job.sampler,
+            max_tokens=job.max_tokens,
+            costs=self.lookup,
+            stats=lookup,
+            **kv,
+        )
+        return _looked_up(steps, job.stats, lookup)
+
     def finished(self, job: GenerationJob) -> None:
         stats = job.stats
         if stats.finished_at is None:
@@ -264,3 +355,36 @@ class Runtime:
             "-" if tps is None else f"{tps:.1f}",
         )
 
+
+
+Steps = Generator[tuple[int, Any, bool], None, None]
+
+
+def _plain(steps: Generator[tuple[Any, Any], None, None]) -> Steps:
+    try:
+        for token, logprobs in steps:
+            yield int(token), logprobs, False
+    finally:
+        steps.close()
+
+
+def _counted(steps: Steps, stats: RequestStats, num_draft: int) -> Steps:
+    """Count a draft model's proposals: a round yields its accepted drafts, then one
+    token of the model's own (so drafted is an upper bound at the very end)."""
+    try:
+        for token, logprobs, from_draft in steps:
+            if from_draft:
+                stats.accepted += 1
+            else:
+                stats.drafted += num_draft
+            yield int(token), logprobs, from_draft
+    finally:
+        steps.close()
+
+
+def _looked_up(steps: Steps, stats: RequestStats, lookup: LookupStats) -> Steps:
+    try:
+        yield from steps
+    finally:
+        steps.close()
+        stats.drafted, stats.accepted = lookup.drafted, lookup.accepted

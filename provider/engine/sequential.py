@@ -38,6 +38,7 @@ def serve_sequential(rt: Runtime) -> None:
         if rt.stopping.is_set():
             for job in pending:
                 job.finish("cancelled")
+                rt.finished(job)
             return
         if pending:
             _run_one(rt, pending.popleft(), pending)
@@ -57,11 +58,6 @@ def _sweep(rt: Runtime, pending: deque[GenerationJob], *, block: bool = False) -
 
 
 def _run_one(rt: Runtime, job: GenerationJob, pending: deque[GenerationJob]) -> None:
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step, maybe_quantize_kv_cache, speculative_generate_step
-
-    from provider.engine.speculative import LookupStats, lookup_generate_step, prefill
-
     def progress(done: int, total: int) -> None:
         if 0 < done < total:
             job.stats.prefill_chunks += 1
@@ -72,78 +68,17 @@ def _run_one(rt: Runtime, job: GenerationJob, pending: deque[GenerationJob]) -> 
 
     cache: list[Any] | None = None
     draft: list[Any] | None = None
-    seen = list(job.prompt)  # what the cache may hold: the prompt, then each token out
-    lookup = LookupStats()
+    # What the cache may hold: the prompt, then every token out.
+    seen = list(job.prompt)
     try:
         rt.start(job)
         rt.admit(job, alone=True)
         hit = rt.fetch(job, draft=rt.draft_model is not None)
-        cache = hit.cache
-        assert cache is not None
-        mode = rt.speculation(job, cache)
-        job.stats.speculation = mode
-        steps: Any
-        if mode is None:
-            steps = generate_step(
-                mx.array(job.prompt[hit.tokens :]),
-                rt.model,
-                rt.stream,
-                max_tokens=job.max_tokens,
-                sampler=job.sampler,
-                prefill_step_size=rt.prefill_step_size,
-                prompt_progress_callback=progress,
-                prompt_cache=cache,
-                **rt.kv_args(),
-            )
-        else:
-            kv = rt.kv_args()
-
-            def quantize(layers: list[Any]) -> None:
-                maybe_quantize_kv_cache(
-                    layers, kv["quantized_kv_start"], kv["kv_group_size"], kv["kv_bits"]
-                )
-
-            parts = [(rt.model, cache, hit.tokens)]
-            if mode == "draft":
-                draft = hit.draft
-                assert draft is not None
-                parts.append((rt.draft_model, draft, hit.tokens if hit.draft is not None else 0))
-            prefill(
-                parts, job.prompt, step=rt.prefill_step_size, progress=progress, quantize=quantize
-            )
-            if mode == "draft":
-                steps = speculative_generate_step(
-                    mx.array(job.prompt[-1:]),
-                    rt.model,
-                    rt.draft_model,
-                    rt.stream,
-                    num_draft_tokens=rt.num_draft_tokens,
-                    max_tokens=job.max_tokens,
-                    sampler=job.sampler,
-                    prompt_cache=cache + draft,
-                    **kv,
-                )
-            else:
-                assert rt.lookup is not None
-                steps = lookup_generate_step(
-                    job.prompt,
-                    rt.model,
-                    cache,
-                    rt.stream,
-                    sampler=job.sampler,
-                    max_tokens=job.max_tokens,
-                    costs=rt.lookup,
-                    stats=lookup,
-                    **kv,
-                )
+        cache, draft = hit.cache, hit.draft
+        steps = rt.token_steps(job, hit, progress)
         try:
-            for item in steps:
-                token = int(item[0])
+            for token, _, _ in steps:
                 seen.append(token)
-                if mode == "draft":
-                    # A round yields its accepted drafts, then one token of the model's own.
-                    job.stats.accepted += bool(item[2])
-                    job.stats.drafted += 0 if item[2] else rt.num_draft_tokens
                 if job.on_token(token):
                     break
                 rt.step_done(job, "decode")
@@ -159,7 +94,6 @@ def _run_one(rt: Runtime, job: GenerationJob, pending: deque[GenerationJob]) -> 
         log.exception("%s: generation failed", job.request_id)
         job.fail(EngineError("error_internal", f"generation failed: {exc}"))
         cache = None  # its state is unknown: do not keep it
-    if job.stats.speculation == "lookup":
-        job.stats.drafted, job.stats.accepted = lookup.drafted, lookup.accepted
-    rt.keep(job, cache, seen, draft=draft)
+    # The draft cache moved only if the draft model ran.
+    rt.keep(job, cache, seen, draft=draft if job.stats.speculation == "draft" else None)
     rt.finished(job)
