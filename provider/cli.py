@@ -117,6 +117,7 @@ def make_engine(config: Config) -> Any:
         memory_budget_bytes=config.memory_budget_bytes,
         prompt_cache_bytes=config.prompt_cache_bytes,
         prompt_cache_entries=config.prompt_cache_entries,
+        max_queue_wait_s=config.request_timeout_s,
         kv_bits=config.kv_bits,
         kv_group_size=config.kv_group_size,
         quantized_kv_start=config.quantized_kv_start,

@@ -119,6 +119,10 @@ class MlxEngine:
             (default): 1/8 of RAM, at most half the memory budget; 0 turns
             the cache off. It also gives way to running requests.
         prompt_cache_entries: most entries the prefix cache keeps (default 32).
+        max_queue_wait_s: a request that does not fit in memory now and
+            would wait longer than this for it (estimated as for
+            ``preflight_ack``) is refused ``error_queue_full`` (retryable)
+            rather than queued. None (default): it always waits.
         kv_bits, kv_group_size, quantized_kv_start: quantize KV caches to
             ``kv_bits`` (2, 3, 4, 6 or 8; default None: off) in groups of
             ``kv_group_size`` (64) once they hold ``quantized_kv_start``
@@ -169,6 +173,7 @@ class MlxEngine:
         memory_budget_bytes: int | None = None,
         prompt_cache_bytes: int | None = None,
         prompt_cache_entries: int = DEFAULT_PROMPT_CACHE_ENTRIES,
+        max_queue_wait_s: float | None = None,
         kv_bits: int | None = None,
         kv_group_size: int = 64,
         quantized_kv_start: int = 5000,
@@ -205,6 +210,7 @@ class MlxEngine:
         self.memory_budget_bytes = memory_budget_bytes
         self.prompt_cache_bytes = prompt_cache_bytes
         self.prompt_cache_entries = prompt_cache_entries
+        self.max_queue_wait_s = max_queue_wait_s
         self.kv_bits = kv_bits
         self.kv_group_size = kv_group_size
         self.quantized_kv_start = quantized_kv_start
@@ -347,6 +353,7 @@ class MlxEngine:
             loop = asyncio.get_running_loop()
             prompt = await loop.run_in_executor(self._tokenize_pool, self._encode, request)
             max_tokens = self._completion_budget(len(prompt), request.token_limit())
+            self._refuse_long_memory_wait(len(prompt) + max_tokens)
             job = self._new_job(
                 request_id,
                 prompt,
@@ -520,6 +527,26 @@ class MlxEngine:
                 "completion. Shorten the messages.",
             )
         return min(requested or self.default_max_tokens, room)
+
+    def _refuse_long_memory_wait(self, context: int) -> None:
+        """Refuse a request that would wait for KV memory past ``max_queue_wait_s``."""
+        capacity, shape = self._capacity, self._shape
+        if capacity is None or shape is None or self.max_queue_wait_s is None:
+            return
+        if capacity.fits(context) and capacity.blocked is None:
+            return
+        wait_s = self.estimated_wait_ms(context) / 1000
+        if wait_s <= self.max_queue_wait_s:
+            return
+        raise EngineError(
+            "error_queue_full",
+            f"this request needs {shape.request_bytes(context) / 2**20:.0f} MiB of KV memory "
+            f"for {context} tokens of context, and the requests running here hold "
+            f"{capacity.reserved / 2**20:.0f} of {capacity.budget / 2**20:.0f} MiB; it would "
+            f"wait about {wait_s:.0f} s for memory, more than {self.max_queue_wait_s:g} s. "
+            "Retry on another provider.",
+            retryable=True,
+        )
 
     def _new_job(
         self,

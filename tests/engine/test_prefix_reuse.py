@@ -228,3 +228,32 @@ async def test_memory_status_shapes(engine: MlxEngine) -> None:
     assert memory.kv_bytes_per_token == 2 * 2 * 32 * 2 * 4
     assert memory.budget_bytes > 0 and memory.prompt_cache_max_bytes > 0
     assert memory.hit_rate == 0.0 and memory.token_hit_rate == 0.0
+
+
+async def test_a_wait_for_memory_past_the_limit_is_refused_queue_full(
+    make_engine: MakeEngine,
+) -> None:
+    probe = await make_engine(max_concurrency=1)
+    per_token = probe.memory_status().kv_bytes_per_token  # type: ignore[union-attr]
+    engine = await make_engine(
+        max_concurrency=2,
+        ignore_eos=True,
+        memory_budget_bytes=int(16 * KV_STEP * per_token),  # one request of 4096 tokens
+        max_queue_wait_s=0.5,
+        prompt_lookup="off",
+    )
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    engine.step_hook = lambda stats, kind: loop.call_soon_threadsafe(started.set)
+    cancel = threading.Event()
+    long = asyncio.create_task(collect(engine, request([("user", "go")], max_tokens=4000), cancel))
+    await started.wait()
+    from provider.engine import EngineError
+
+    with pytest.raises(EngineError) as refused:
+        # Thousands of tokens to go ahead of it: far more than half a second.
+        await collect(engine, request([("user", "me too")], max_tokens=4000))
+    assert refused.value.status == "error_queue_full" and refused.value.retryable
+    assert "KV memory" in str(refused.value)
+    cancel.set()
+    await long
