@@ -28,6 +28,7 @@ from provider import __version__, telemetry
 from provider.config import Config, persist_keys
 from provider.coordinator.jobs import Job, Outcome
 from provider.coordinator.messages import (
+    DiagnosticStatus,
     HardwareSummary,
     Heartbeat,
     Hello,
@@ -42,11 +43,16 @@ from provider.coordinator.reconnect import (
     is_retryable,
     wait_backoff,
 )
+from provider.coordinator.safety import observed_at, safety_telemetry
 from provider.coordinator.session import Session
 from provider.coordinator.state import StateMachine, Status
 from provider.coordinator.window import MetricsWindow
 from provider.engine import Engine
-from provider.host import hardware
+from provider.host import guard, hardware
+from provider.host.hardware import HardwareFacts
+from provider.host.monitor import HostMonitor, Reader
+from provider.host.restarts import STATE_FILE, record_start
+from provider.host.sensors import HostReader, HostSample
 from provider.logs import add_secret
 
 log = logging.getLogger("mlx_provider.agent")
@@ -62,7 +68,10 @@ class Agent:
     """Owns everything that outlives one connection.
 
     ``hooks``, if given, has ``job_started()`` and ``job_finished()``, called
-    as jobs come and go (the sleep assertion uses them).
+    as jobs come and go (the sleep assertion uses them). ``host_reader`` reads
+    the machine (default: :class:`~provider.host.sensors.HostReader` on this
+    machine's real sources); the agent samples it in the background and
+    holds back for the machine's owner as :mod:`provider.host.guard` says.
     """
 
     def __init__(
@@ -72,6 +81,7 @@ class Agent:
         *,
         config_path: Path | None = None,
         hooks: Any = None,
+        host_reader: Reader | None = None,
     ) -> None:
         assert config.coordinator_url and config.provider_id and config.model
         self.config = config
@@ -86,9 +96,22 @@ class Agent:
         self.service_instance_id = uuid.uuid4().hex
         self.hostname = socket.gethostname().encode()[:253].decode(errors="ignore")
         self.ram_gb = hardware.total_ram_gb()
-        # Once: platform.processor() may run `uname -p`, not a heartbeat's job.
-        self.hardware = HardwareSummary(
-            chip=hardware.chip_name(), cpu_cores_total=hardware.cpu_cores()
+        # Set by the host monitor, which reads the machine off the event loop.
+        self.hardware: HardwareSummary | None = None
+        self.host = HostMonitor(
+            host_reader or HostReader(),
+            interval_s=config.host_sample_interval_s,
+            on_hardware=self._hardware_read,
+            on_sample=self.host_sampled,
+        )
+        self.guard_policy = guard.GuardPolicy(
+            pause_on_battery=config.pause_on_battery, recover_after_s=config.host_recover_s
+        )
+        self.holds = guard.Holds()
+        self.restart_count = (
+            record_start(config_path.parent / STATE_FILE, config.provider_id)
+            if config_path is not None
+            else 0
         )
         self.policy = BackoffPolicy(
             config.backoff_initial_s, config.backoff_max_s, config.backoff_jitter
@@ -121,6 +144,7 @@ class Agent:
     async def run(self) -> int:
         """Serve until drained or finally refused; returns the exit code."""
         load = asyncio.create_task(self._load_model(), name="load_model")
+        host = asyncio.create_task(self.host.run(), name="host_monitor")
         try:
             return await self._connect_forever()
         except FatalRefusal as exc:
@@ -129,7 +153,8 @@ class Agent:
             return 0
         finally:
             load.cancel()
-            await asyncio.gather(load, return_exceptions=True)
+            host.cancel()
+            await asyncio.gather(load, host, return_exceptions=True)
             await self.engine.close()
 
     async def _load_model(self) -> None:
@@ -233,6 +258,7 @@ class Agent:
             },
         )
         self._publish(self.state.registered(), force=True)
+        self._post_diagnostic()
 
     def session_ended(self, session: Session) -> None:
         self.connected_since = None
@@ -286,6 +312,108 @@ class Agent:
         self._publish(self.state.job_finished())
         if self.hooks is not None:
             self.hooks.job_finished()
+
+    # The host ----------------------------------------------------------------
+
+    def _hardware_read(self, facts: HardwareFacts) -> None:
+        def within(value: Any, top: float) -> Any:
+            return value if value is not None and 0 <= value <= top else None
+
+        # Out-of-range values would make the coordinator drop the whole summary.
+        summary = HardwareSummary(
+            chip=facts.chip,
+            bandwidth_gb_per_s=within(facts.bandwidth_gb_per_s, 10_000),
+            network_power_kw=within(facts.network_power_kw, 10.0),
+            gpu_cores_total=within(facts.gpu_cores, 4096),
+            cpu_cores_total=within(facts.cpu_cores, 1024),
+        )
+        self.hardware = summary if summary != HardwareSummary() else None
+
+    def host_sampled(self, sample: HostSample) -> None:
+        """Hold back for the machine's owner, or come back, after a new reading.
+
+        The state machine takes every change first (slot limit, degraded
+        reasons), then one ``state_update`` says where it ended.
+        """
+        if not self.config.host_guard:
+            return
+        before = self.holds
+        self.holds = after = guard.step(self.guard_policy, before, sample, time.monotonic())
+        if dict(after.active) == dict(before.active):
+            return
+        facts = {
+            "memory_pressure": sample.memory_pressure,
+            "thermal_state": sample.thermal_state,
+            "power_source": sample.power_source,
+        }
+        for reason in after.active.keys() - before.active.keys():
+            slots = after.active[reason]
+            log.warning("holding back for the owner: %s (%d slots)", reason, slots, extra=facts)
+        for reason in before.active.keys() - after.active.keys():
+            log.info("no longer holding back: %s", reason, extra=facts)
+        changes = [self.state.limit_slots(after.slot_limit, after.limiting_reason)]
+        changes += [self.state.degrade(r) for r in after.pauses if r not in before.pauses]
+        changes += [self.state.recover(r) for r in before.pauses if r not in after.pauses]
+        self._publish(next((c for c in reversed(changes) if c is not None), None), force=True)
+        self._post_diagnostic()
+
+    def _post_diagnostic(self) -> None:
+        """Tell the coordinator's operators what state we are in and why."""
+        session = self.session
+        if session is None or session.registered_at is None or session.sender is None:
+            return
+        if not (self.config.provider_id and self.assigned_id):
+            return
+        status, sample = self.state.status(), self.host.latest
+        reason = status.reason
+        if self.holds.active:
+            held = ", ".join(f"{r} ({n} slots)" for r, n in self.holds.active.items())
+            reason = f"{reason}; holding back for the host: {held}"
+        rss = sample.rss_bytes if sample is not None else None
+        session.sender.post(
+            DiagnosticStatus(
+                provider_id=self.config.provider_id,
+                assigned_id=self.assigned_id,
+                status=status.state,
+                model_id=self.model_id,
+                model_loaded=self.engine.info is not None,
+                reason=reason[:1000],
+                observed_at=observed_at(datetime.now(UTC)),
+                binary_version=self.binary_version,
+                uptime_s=int(time.time() - self.started_at),
+                requests_total=self.totals["requests"],
+                requests_in_flight=self.state.in_flight,
+                errors_total=self.totals["errors"],
+                restart_count=self.restart_count,
+                memory_rss_mb=rss // 2**20 if rss is not None else None,
+                memory_pressure=sample.memory_pressure if sample else None,
+                thermal_state=sample.thermal_state if sample else None,
+                thermally_throttled=sample.thermally_throttled if sample else None,
+            )
+        )
+
+    def host_status(self) -> dict[str, Any]:
+        """The machine as the status page shows it."""
+        facts, sample = self.host.hardware, self.host.latest
+        return {
+            "chip": facts.chip if facts else None,
+            "cpu_cores": facts.cpu_cores if facts else None,
+            "gpu_cores": facts.gpu_cores if facts else None,
+            "memory_pressure": sample.memory_pressure if sample else None,
+            "thermal_state": sample.thermal_state if sample else None,
+            "thermally_throttled": sample.thermally_throttled if sample else None,
+            "power_source": sample.power_source if sample else None,
+            "cpu_pct": sample.cpu_pct if sample else None,
+            "gpu_pct": sample.gpu_pct if sample else None,
+            "observed_at_unix": sample.observed_at if sample else None,
+            "guard": self.config.host_guard,
+            "holding_back": [
+                {"reason": reason, "slot_limit": limit}
+                for reason, limit in self.holds.active.items()
+            ],
+            "slots_offered": self.state.slots_offered,
+            "restart_count": self.restart_count,
+        }
 
     # State -----------------------------------------------------------------
 
@@ -354,7 +482,7 @@ class Agent:
 
     def heartbeat_message(self) -> Heartbeat:
         status = self.state.status()
-        return Heartbeat(
+        heartbeat = Heartbeat(
             status=status.state,
             slots_free=status.slots_free,
             slots_total=status.slots_total,
@@ -363,6 +491,30 @@ class Agent:
             service_instance_id=self.service_instance_id,
             **self._model_fields(),
             **_window_fields(self.window),
+        )
+        heartbeat.safety_telemetry = self._safety_telemetry(heartbeat)
+        return heartbeat
+
+    def _safety_telemetry(self, heartbeat: Heartbeat) -> Any:
+        # The host's facts come from the monitor's latest sample: no I/O here
+        # but the process's RSS before the first sample (a file read).
+        sample = self.host.latest
+        rss = sample.rss_bytes if sample is not None else None
+        compatibility_set_id = getattr(self, "compatibility_set_id", None) or getattr(
+            self.config, "compatibility_set_id", None
+        )
+        return safety_telemetry(
+            heartbeat,
+            provider_id=self.config.provider_id,
+            reading=sample,
+            model_loaded=self.engine.info is not None,
+            requests_in_flight=self.state.in_flight,
+            rss_bytes=rss if rss is not None else hardware.rss_bytes(),
+            restart_count=self.restart_count,
+            uptime_s=time.time() - self.started_at,
+            assigned_id=self.assigned_id,
+            binary_version=self.binary_version,
+            compatibility_set_id=compatibility_set_id,
         )
 
     def status(self) -> dict[str, Any]:
@@ -393,6 +545,7 @@ class Agent:
                 "throughput_tps_estimate": info.throughput_tps_estimate if info else None,
             },
             "memory": {"rss_bytes": hardware.rss_bytes(), **_memory_fields(self.engine)},
+            "host": self.host_status(),
             "reconnects": len(self.reconnects),
             "last_disconnect": self.reconnects[-1] if self.reconnects else None,
             "uptime_s": round(time.time() - self.started_at, 3),

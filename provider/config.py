@@ -72,6 +72,13 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ``log_level``, ``log_file``, ``log_json`` (``None``: JSON unless stderr
     is a TTY), ``keep_awake`` (``"serving"`` holds a no-idle-sleep assertion
     while a job runs, ``"always"`` from start, ``"never"``).
+
+    The owner's machine first (:mod:`provider.host.guard`): ``host_guard``
+    (hold back on critical memory pressure, serious or critical heat and,
+    with ``pause_on_battery``, battery power; off: report only),
+    ``host_recover_s`` (how long a condition must stay away before the
+    provider offers its slots again), ``host_sample_interval_s`` (how often
+    the machine is read).
     """
 
     coordinator_url: str | None = None
@@ -111,6 +118,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_file: str | None = None
     log_json: bool | None = None
     keep_awake: Literal["serving", "always", "never"] = "serving"
+
+    host_guard: bool = True
+    pause_on_battery: bool = True
+    host_recover_s: Annotated[float, Meta(ge=0)] = 60.0
+    host_sample_interval_s: Annotated[float, Meta(gt=0, le=60)] = 5.0
 
 
 _FIXES = {

@@ -68,10 +68,70 @@ class _Message(msgspec.Struct, tag_field="type", kw_only=True):
 
 
 class HardwareSummary(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """``heartbeat.hardware_summary`` (COORDINATOR.md 6.4): facts left out are unknown.
+
+    The coordinator drops the whole object when a value is out of its range,
+    so the ranges are checked here too; ``chip`` is at most 120 bytes.
+    """
+
     chip: str | None = None
-    bandwidth_gb_per_s: float | None = None
-    gpu_cores_total: int | None = None
-    cpu_cores_total: int | None = None
+    bandwidth_gb_per_s: Annotated[int, Meta(ge=0, le=10_000)] | None = None
+    network_power_kw: Annotated[float, Meta(ge=0, le=10.0)] | None = None
+    gpu_cores_total: Annotated[int, Meta(ge=0, le=4096)] | None = None
+    cpu_cores_total: Annotated[int, Meta(ge=0, le=1024)] | None = None
+
+    def __post_init__(self) -> None:
+        _check_bytes("chip", self.chip, 120)
+
+
+MemoryPressure = Literal["normal", "warning", "critical"]
+ThermalState = Literal["nominal", "fair", "serious", "critical"]
+PowerSource = Literal["external", "battery", "unknown"]
+Percent = Annotated[float, Meta(ge=0, le=100)]
+
+
+class SafetyTelemetry(msgspec.Struct, kw_only=True):
+    """``heartbeat.safety_telemetry`` (COORDINATOR.md 6.2), schema 1 or 2.
+
+    The coordinator rejects the whole heartbeat when this object is invalid,
+    so every constraint it checks is stated here. Schema 1 sends the first
+    block only (the schema 2 fields stay ``UNSET``, so they are not encoded);
+    schema 2 sets every field of the second block (``None`` is sent as
+    ``null`` for the two utilisations). Built by
+    :func:`provider.coordinator.safety.safety_telemetry`.
+    """
+
+    schema_version: Literal[1, 2]
+    provider_id: Annotated[str, Meta(min_length=1, max_length=256)]
+    model_id: Annotated[str, Meta(min_length=1)]
+    model_loaded: bool
+    runtime_state: ProviderState
+    hardware_tier: Annotated[str, Meta(min_length=1, max_length=128)]
+    requests_in_flight: NonNegInt
+    requests_queued: NonNegInt
+    memory_rss_mb: NonNegInt
+    memory_capacity_mb: Annotated[int, Meta(ge=1)]
+    memory_pressure: MemoryPressure
+    thermal_state: ThermalState
+    thermally_throttled: bool
+    restart_count: NonNegInt
+    uptime_s: NonNegInt
+    coordinator_connected: bool
+    observation_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    observed_at: Annotated[str, Meta(min_length=1, max_length=64)]
+    valid_for_ms: Annotated[int, Meta(ge=1, le=300_000)]
+    # Schema 2.
+    coordinator_session_id: str | msgspec.UnsetType = msgspec.UNSET
+    cpu_utilization_pct: Percent | msgspec.UnsetType | None = msgspec.UNSET
+    gpu_utilization_pct: Percent | msgspec.UnsetType | None = msgspec.UNSET
+    gpu_utilization_scope: Literal["host"] | msgspec.UnsetType = msgspec.UNSET
+    power_source: PowerSource | msgspec.UnsetType = msgspec.UNSET
+    binary_version: str | msgspec.UnsetType = msgspec.UNSET
+    compatibility_set_id: str | msgspec.UnsetType = msgspec.UNSET
+    model_hash: str | msgspec.UnsetType = msgspec.UNSET
+    model_hash_algorithm: str | msgspec.UnsetType = msgspec.UNSET
+    weights_manifest_sha256: str | msgspec.UnsetType = msgspec.UNSET
+    weights_manifest_algorithm: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class Hello(_Message, tag="hello", kw_only=True):
@@ -123,6 +183,7 @@ class Heartbeat(_Message, tag="heartbeat", kw_only=True):
     loading: bool | None = None
     hardware_summary: HardwareSummary | None = None
     service_instance_id: str | None = None
+    safety_telemetry: SafetyTelemetry | None = None
 
 
 class StateUpdate(_Message, tag="state_update", kw_only=True):
@@ -162,6 +223,35 @@ class DrainStatus(_Message, tag="drain_status", kw_only=True):
     estimated_drain_seconds: NonNegFloat = 0.0
 
 
+class DiagnosticStatus(_Message, tag="diagnostic_status", kw_only=True):
+    """``diagnostic_status`` (COORDINATOR.md 6.3): informational, unprompted.
+
+    Sent after registration and whenever the provider starts or stops holding
+    back for its host, so the coordinator's operators can see why. Optional
+    fields the provider does not know go out as ``null``, which the
+    coordinator reads as absent.
+    """
+
+    schema_version: Literal[1] = 1
+    provider_id: Annotated[str, Meta(min_length=1)]
+    assigned_id: Annotated[str, Meta(min_length=1)]
+    status: ProviderState
+    model_id: Annotated[str, Meta(min_length=1)]
+    model_loaded: bool
+    reason: str | None = None
+    observed_at: str | None = None
+    binary_version: str | None = None
+    uptime_s: NonNegInt | None = None
+    requests_total: NonNegInt | None = None
+    requests_in_flight: NonNegInt | None = None
+    errors_total: NonNegInt | None = None
+    restart_count: NonNegInt | None = None
+    memory_rss_mb: NonNegInt | None = None
+    memory_pressure: MemoryPressure | None = None
+    thermal_state: ThermalState | None = None
+    thermally_throttled: bool | None = None
+
+
 class NakError(msgspec.Struct, kw_only=True):
     code: str
     message: str
@@ -181,6 +271,7 @@ ProviderMessage = (
     | PreflightAck
     | DrainStatus
     | Nak
+    | DiagnosticStatus
 )
 
 

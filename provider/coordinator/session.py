@@ -358,6 +358,13 @@ class Session:
             )
         if agent.engine.info is None:
             return Outcome("error_model_not_loaded", "model is still loading; retry shortly", True)
+        if agent.state.slots_free <= 0 and agent.state.in_flight < agent.state.slots_total:
+            return Outcome(
+                "error_queue_full",
+                f"provider is holding back for its owner's machine "
+                f"({agent.state.limit_reason or 'slot limit'}); retry on another provider",
+                True,
+            )
         if agent.state.slots_free <= 0:
             return Outcome(
                 "error_queue_full",

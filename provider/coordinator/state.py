@@ -8,8 +8,10 @@ The state is derived, never set directly, from a handful of facts:
   unavailable is a fresh registration.
 - ``draining``: a drain was asked for (coordinator ``drain`` or a signal).
 - ``degraded`` reasons: model loading, warm-up running, engine failure.
-- slots: ``slots_free = max(0, slots_total - in_flight)``; no free slot is
-  ``busy``.
+- slots: ``slots_free = max(0, slots_offered - in_flight)``; no free slot is
+  ``busy``. ``slots_offered`` is ``slots_total`` unless a slot limit is set
+  (:meth:`StateMachine.limit_slots`: the host holding back for its owner),
+  which lowers it without touching the requests already running.
 
 Precedence: unavailable, draining, degraded, busy, ready. Each input
 returns the new :class:`Status` when (state, reason) changed, else ``None``,
@@ -39,6 +41,8 @@ class StateMachine:
     in_flight: int = 0
     degraded_reasons: list[str] = field(default_factory=list)
     disconnect_reason: str = "not_connected"
+    slot_limit: int | None = None
+    limit_reason: str = ""
     _last: tuple[ProviderState, str] | None = None
 
     def __post_init__(self) -> None:
@@ -47,8 +51,14 @@ class StateMachine:
         self._last = (self.state, self.reason)
 
     @property
+    def slots_offered(self) -> int:
+        if self.slot_limit is None:
+            return self.slots_total
+        return max(0, min(self.slots_total, self.slot_limit))
+
+    @property
     def slots_free(self) -> int:
-        return max(0, self.slots_total - self.in_flight)
+        return max(0, self.slots_offered - self.in_flight)
 
     @property
     def state(self) -> ProviderState:
@@ -58,7 +68,7 @@ class StateMachine:
             return "draining"
         if self.degraded_reasons:
             return "degraded"
-        if self.in_flight >= self.slots_total:
+        if self.in_flight >= self.slots_offered:
             return "busy"
         return "ready"
 
@@ -72,7 +82,8 @@ class StateMachine:
         if state == "degraded":
             return self.degraded_reasons[-1]
         if state == "busy":
-            return "all_slots_busy"
+            limited = self.slot_limit is not None and self.in_flight < self.slots_total
+            return self.limit_reason if limited and self.limit_reason else "all_slots_busy"
         return "ok"
 
     def status(self) -> Status:
@@ -104,6 +115,18 @@ class StateMachine:
     def recover(self, reason: str) -> Status | None:
         if reason in self.degraded_reasons:
             self.degraded_reasons.remove(reason)
+        return self._changed()
+
+    def limit_slots(self, limit: int | None, reason: str = "") -> Status | None:
+        """Offer at most ``limit`` slots (``None``: all) because of ``reason``.
+
+        Requests in flight are never touched: a limit below them only leaves
+        no slot free until enough of them finish.
+        """
+        if limit is not None and limit < 0:
+            raise ValueError("slot limit must be >= 0")
+        self.slot_limit = limit
+        self.limit_reason = reason if limit is not None else ""
         return self._changed()
 
     def start_drain(self) -> Status | None:

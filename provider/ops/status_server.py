@@ -200,6 +200,49 @@ def _kv_rows(memory: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _pct(value: Any) -> str:
+    return f"{value:.1f}%" if isinstance(value, int | float) else "-"
+
+
+def _chip_text(host: Mapping[str, Any]) -> str:
+    cores = [
+        f"{host[key]} {label}"
+        for key, label in (("cpu_cores", "CPU"), ("gpu_cores", "GPU"))
+        if isinstance(host.get(key), int)
+    ]
+    text = _text(host.get("chip"))
+    return f"{text} ({', '.join(cores)} cores)" if cores else text
+
+
+def _host_text(host: Mapping[str, Any]) -> str:
+    if not host:
+        return "-"
+
+    def known(key: str) -> str:
+        value = host.get(key)
+        return "unknown" if value is None or value == "" else str(value)
+
+    return (
+        f"memory pressure {known('memory_pressure')}, thermal {known('thermal_state')}, "
+        f"power {known('power_source')}"
+    )
+
+
+def _holding_text(host: Mapping[str, Any]) -> str:
+    holds = host.get("holding_back")
+    if not isinstance(holds, list):
+        return "-"
+    if not holds:
+        return "no" if host.get("guard", True) else "no (host_guard is off)"
+    parts = []
+    for hold in holds:
+        limit = hold.get("slot_limit") if isinstance(hold, dict) else None
+        reason = hold.get("reason") if isinstance(hold, dict) else hold
+        slots = "paused" if limit == 0 else f"{limit} slot{'s' if limit != 1 else ''}"
+        parts.append(f"{reason} ({slots})")
+    return ", ".join(parts)
+
+
 def format_status_table(status: Mapping[str, Any], *, now: float | None = None) -> str:
     """Render a ``/status`` dict as a two-column table for ``mlx-provider status``.
 
@@ -210,8 +253,11 @@ def format_status_table(status: Mapping[str, Any], *, now: float | None = None) 
     (``requests``, ``complete``, ``cancelled``, ``errors``, ``tokens_generated``),
     ``model`` (``id``, ``params_b``, ``loading``, ``max_context_tokens``),
     ``memory`` (``rss_bytes``; ``kv_reserved_bytes``, ``kv_budget_bytes`` and
-    ``prompt_cache`` when the engine reports them), ``reconnects``, ``uptime_s``.
-    ``now`` (default: the current time) dates the heartbeat.
+    ``prompt_cache`` when the engine reports them), ``host`` (``chip``, ``cpu_cores``,
+    ``gpu_cores``, ``memory_pressure``, ``thermal_state``, ``power_source``,
+    ``cpu_pct``, ``gpu_pct``, ``guard``, ``holding_back``; its rows are left
+    out when it is absent), ``reconnects``, ``uptime_s``. ``now`` (default:
+    the current time) dates the heartbeat.
     """
     now = time.time() if now is None else now
     totals = status.get("totals") or {}
@@ -246,6 +292,7 @@ def format_status_table(status: Mapping[str, Any], *, now: float | None = None) 
             f"{_text(totals.get('cancelled'))} cancelled, {_text(totals.get('errors'))} errors)"
         )
 
+    host = status.get("host") or {}
     rows = [
         ("state", f"{_text(status.get('state'))} ({_text(status.get('connection'))})"),
         ("reason", _text(status.get("state_reason"))),
@@ -262,5 +309,13 @@ def format_status_table(status: Mapping[str, Any], *, now: float | None = None) 
         ("reconnects", _text(status.get("reconnects"))),
         ("uptime", _duration(status.get("uptime_s"))),
     ]
+    if host:
+        at = next(i for i, (name, _) in enumerate(rows) if name == "reconnects")
+        rows[at:at] = [
+            ("chip", _chip_text(host)),
+            ("host", _host_text(host)),
+            ("cpu / gpu", f"{_pct(host.get('cpu_pct'))} / {_pct(host.get('gpu_pct'))}"),
+            ("holding back", _holding_text(host)),
+        ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
