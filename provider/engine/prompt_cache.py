@@ -260,8 +260,9 @@ def _compact(layers: list[Any], n: int) -> list[Any]:
 
     A running KV cache is allocated in steps of 256 tokens and may hold
     rejected draft tokens past its offset; a stored one holds ``n`` tokens and
-    nothing else. Layers that do not count tokens are kept as they are (their
-    state is the state after all ``n`` tokens).
+    nothing else. Buffers already of that size are kept (the request that
+    filled them is over). Layers that do not count tokens are kept as they
+    are (their state is the state after all ``n`` tokens).
     """
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache, QuantizedKVCache
@@ -276,7 +277,11 @@ def _compact(layers: list[Any], n: int) -> list[Any]:
             new = KVCache() if kind is KVCache else QuantizedKVCache(layer.group_size, layer.bits)
             new.offset = n
             if layer.keys is not None:
-                if kind is KVCache:
+                keys = layer.keys if kind is QuantizedKVCache else (layer.keys,)
+                if keys[0].shape[2] == n:
+                    # Already exactly n tokens (e.g. extracted from a batch): no copy.
+                    new.keys, new.values = layer.keys, layer.values
+                elif kind is KVCache:
                     new.keys = mx.contiguous(_slice(layer.keys, n))
                     new.values = mx.contiguous(_slice(layer.values, n))
                     arrays += [new.keys, new.values]
