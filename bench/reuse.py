@@ -381,7 +381,63 @@ async def bench_speculative(model: Path, args: argparse.Namespace) -> dict[str, 
         "rounds": len(rounds),
         "median": median_of(rounds),
         "per_round": rounds,
+        "acceptance": await speculation_acceptance(model, args),
     }
+
+
+async def speculation_acceptance(model: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """What speculation does on this model, whatever the host's load: drafts accepted,
+    tokens per verifying pass, and the speed-up the measured pass costs predict."""
+    import threading
+
+    from provider.engine.mlx import MlxEngine
+    from provider.openai.request import ChatCompletionRequest, ChatMessage
+
+    out: dict[str, Any] = {}
+    variants: dict[str, dict[str, Any]] = {"lookup": {"prompt_lookup": "on"}}
+    if args.draft_model:
+        variants["draft"] = {"draft_model": args.draft_model}
+    for name, options in variants.items():
+        engine = MlxEngine(model, ignore_eos=True, prompt_cache_bytes=0, **options)
+        await engine.load()
+        try:
+            drafted = accepted = tokens = 0
+            for i in range(args.repeats):
+                messages = [ChatMessage(**m) for m in repetitive_messages()]  # type: ignore[arg-type]
+                request = ChatCompletionRequest(messages=messages, max_tokens=args.spec_tokens)
+                rid = f"{name}-{i}"
+                async for _ in engine.generate(request, threading.Event(), request_id=rid):
+                    pass
+                stats = engine.last_stats[rid]
+                drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
+                tokens += stats.decode_steps
+            out[name] = {
+                "drafted": drafted,
+                "accepted": accepted,
+                "acceptance": round(accepted / drafted, 3) if drafted else None,
+                "tokens": tokens,
+            }
+        finally:
+            await engine.close()
+    if "lookup" in out:
+        # What verifying drafts costs on this host, measured as "auto" does at load.
+        engine = MlxEngine(model, prompt_lookup="auto", prompt_cache_bytes=0)
+        await engine.load()
+        await engine.close()
+        costs = engine.lookup_costs
+        assert costs is not None
+        k = engine.num_draft_tokens
+        lookup = out["lookup"]
+        a = min(lookup["acceptance"] or 0.0, 0.999)
+        per_pass = (1 - a ** (k + 1)) / (1 - a)
+        lookup |= {
+            "plain_step_ms": round(costs.plain_s * 1000, 2),
+            "verify_ms_by_drafts": [round(v * 1000, 2) for v in costs.verify_s],
+            "tokens_per_verify_pass": round(per_pass, 2),
+            "predicted_speedup": round(per_pass / costs.verify_s[k] * costs.plain_s, 3),
+            "auto_drafts": costs.pays(),
+        }
+    return out
 
 
 async def bench_concurrent(model: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -253,6 +253,8 @@ class MlxEngine:
         self._capacity: Capacity | None = None
         self._prompt_cache: PromptCache | None = None
         self._lookup: LookupCosts | None = None
+        #: What prompt lookup was measured to cost at load (``prompt_lookup="auto"``).
+        self.lookup_costs: LookupCosts | None = None
         # Requests holding a slot, by request id (event loop only).
         self._jobs: dict[str, GenerationJob] = {}
         # Jobs submitted, while anything refers to them (the generation thread
@@ -833,6 +835,7 @@ class MlxEngine:
             self._lookup = LookupCosts(math.inf, (1.0,) * (k + 1))
             return
         costs = measure_lookup_costs(self._model, self._stream, max_draft=k, plain_tps=tps)
+        self.lookup_costs = costs
         if costs.pays():
             self._lookup = costs
         log.info(
