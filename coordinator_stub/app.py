@@ -16,13 +16,14 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from provider.coordinator.messages import PreflightAck
-
 from .buyer_api import BuyerAPI
+from .catalog import Catalog, CatalogKey
 from .config import WS_PATH, StubConfig
+from .credentials import Credentials
 from .endpoint import WebSocketSide
 from .events import EventBus
 from .faults import Faults, RefuseMode
+from .frames import PreflightAck
 from .observe import Changes, Direction, FrameLog, FrameRecord, RejectRecord
 from .pool import DropRecord, Pool, ProviderRecord, RemovalRecord
 from .relay import Flight
@@ -57,12 +58,47 @@ class CoordinatorStub:
         self.config = config
         self.faults = Faults()
         self.changes = Changes()
-        self.pool = Pool(warmup_gate=config.warmup_gate)
+        assert config.warmup_gate is not None
+        self.pool = Pool(
+            warmup_gate=config.warmup_gate,
+            require_hash_verified=bool(config.require_hash_verified),
+            require_encrypted_leg=bool(config.require_encrypted_leg),
+        )
+        self.credentials = Credentials.create(
+            config.tokens,
+            require_tokens=bool(config.require_provider_tokens),
+            allow_tokenless=bool(config.allow_tokenless_provisional_bootstrap),
+            referral_codes=config.referral_codes,
+            require_referral=bool(config.require_referral),
+        )
+        #: The key signing the autotune catalog feed (generated or loaded).
+        self.catalog_key = (
+            CatalogKey.load(config.catalog_key_file, config.catalog_key_id)
+            if config.catalog_key_file
+            else CatalogKey.generate(config.catalog_key_id)
+        )
+        #: The catalog the stub serves and admits against (``None``: no ``catalog_models``).
+        self.catalog = (
+            Catalog.create(config.catalog_model_map, self.catalog_key)
+            if config.catalog_models
+            else None
+        )
         self.bus = EventBus(config.events_queue_size)
         self.bus.add_listener(lambda _event: self.changes.notify())
         self.log = FrameLog(config.frame_log_size, self.changes)
-        self.ws = WebSocketSide(config, self.pool, self.bus, self.faults, self.log, self.changes)
-        self.http = BuyerAPI(config, self.pool, self.ws, self.ws.relay, self.bus, self.status)
+        self.ws = WebSocketSide(
+            config,
+            self.pool,
+            self.bus,
+            self.faults,
+            self.log,
+            self.changes,
+            self.credentials,
+            self.catalog,
+        )
+        self.http = BuyerAPI(
+            config, self.pool, self.ws, self.ws.relay, self.bus, self.status, self.catalog
+        )
         self._started = False
 
     # ------------------------------------------------------------------
@@ -79,7 +115,15 @@ class CoordinatorStub:
         except BaseException:
             await self.ws.stop()
             raise
-        logger.info("coordinator stub ready ws=%s http=%s", self.ws_url, self.http_url)
+        logger.info(
+            "coordinator stub ready ws=%s http=%s profile=%s catalog_key_id=%s "
+            "catalog_public_key=%s",
+            self.ws_url,
+            self.http_url,
+            self.config.profile,
+            self.catalog_key_id,
+            self.catalog_public_key,
+        )
 
     async def stop(self) -> None:
         """Close provider sessions (1001), fail requests in flight, stop listening."""
@@ -115,6 +159,30 @@ class CoordinatorStub:
     def http_url(self) -> str:
         """``http://HOST:PORT`` (the OpenAI base URL is this + ``/v1``)."""
         return f"http://{_url_host(self.config.host)}:{self.http.port}"
+
+    @property
+    def catalog_key_id(self) -> str:
+        """Key id of the autotune feed signature (what a provider is configured to trust)."""
+        return self.catalog_key.key_id
+
+    @property
+    def catalog_public_key(self) -> str:
+        """Standard base64 of the raw Ed25519 public key signing the feed."""
+        return self.catalog_key.public_key_b64
+
+    @property
+    def catalog_url(self) -> str:
+        """``GET`` URL of the signed autotune feed (``+ ".sig"`` for its signature)."""
+        return f"{self.http_url}/v1/autotune-candidates"
+
+    def catalog_fields(self, model_id: str) -> dict[str, str] | None:
+        """The five ``catalog_*`` handshake values a provider of ``model_id`` must send."""
+        return None if self.catalog is None else self.catalog.handshake_fields(model_id)
+
+    @property
+    def bootstraps(self) -> list[str]:
+        """Provider ids that completed a credential bootstrap, in order."""
+        return list(self.ws.bootstraps)
 
     # ------------------------------------------------------------------
     # Observation
@@ -181,6 +249,16 @@ class CoordinatorStub:
             for r in self.log.rejections
         ]
         snapshot["listening"] = self.ws.listening
+        snapshot["profile"] = self.config.profile
+        snapshot["catalog"] = {
+            "key_id": self.catalog_key_id,
+            "public_key": self.catalog_public_key,
+            "url": self.catalog_url,
+            "release_id": None if self.catalog is None else self.catalog.release_id,
+            "candidate_sha256": None if self.catalog is None else self.catalog.feed.sha256,
+        }
+        snapshot["settlement_mode"] = self.config.settlement_mode
+        snapshot["rekeys"] = dict(self.ws.relay.rekeys)
         return snapshot
 
     async def wait_for(
@@ -346,6 +424,18 @@ class CoordinatorStub:
             timeout=timeout,
         )
         return frame.message  # type: ignore[no-any-return]
+
+    async def rekey(self, provider_id: str) -> bool:
+        """Run an in-band AEAD rekey on the provider's tier-2 session now.
+
+        Waits for the session to be idle; returns whether the rekey committed
+        (a failure closes the session). ``KeyError`` if not connected,
+        ``ValueError`` without a tier-2 leg or ``in_band_aead_rekey_v1``.
+        """
+        session = self.ws.session(provider_id)
+        if session.epoch is None or not session.epoch.in_band_rekey:
+            raise ValueError(f"{provider_id} has no tier-2 session with in-band rekey")
+        return await self.ws.relay.rekey(session, "request_threshold", force=True)
 
     async def cancel(self, request_id: str, reason: str = "cancelled_by_test") -> bool:
         """Send ``cancel_request`` for a request in flight; whether one was sent."""

@@ -10,6 +10,9 @@ Endpoints:
 * ``GET /v1/models``: models of connected providers.
 * ``GET /v1/status``: the pool, drops and counters as JSON.
 * ``GET /v1/events``: pool events as SSE, starting with a ``snapshot``.
+* ``GET /v1/autotune-candidates`` and ``GET /v1/autotune-candidates.sig``: the
+  signed autotune catalog feed (exact bytes) and its detached signature
+  (404 when the stub has no ``catalog_models``).
 * ``POST /admin/providers/{id}/drain`` and ``POST /admin/providers/{id}/drop``.
 
 Errors are OpenAI-style JSON (:class:`provider.openai.response.ErrorResponse`), or,
@@ -30,15 +33,16 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from provider.coordinator.messages import InferenceResponseChunk, InferenceResponseEnd
 from provider.openai.request import MAX_BODY_BYTES, BadRequest, decode_chat_request
 from provider.openai.response import SSE_DONE, ErrorBody, ErrorResponse, encode
 
+from .catalog import Catalog
 from .config import StubConfig
 from .endpoint import WebSocketSide
 from .events import EventBus
+from .frames import ResponseChunk, ResponseEnd
 from .pool import Pool
-from .relay import Flight, Gone, NoProviderAvailable, Relay
+from .relay import Flight, Gone, NoProviderAvailable, Relay, SettlementRequired
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,9 @@ GONE_STATUS: dict[str, int] = {
     "probe_failed": 502,
     "cancel_unanswered": 504,
     "stub_shutdown": 503,
+    "tier2_session_closed": 502,
+    "tier2_rekey_failed": 502,
+    "provider_fenced": 502,
 }
 
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
@@ -165,12 +172,12 @@ class _Relay:
                     continue
                 item = getter.result()
                 getter = None
-                if isinstance(item, InferenceResponseChunk):
+                if isinstance(item, ResponseChunk):
                     await self._chunk(item)
                 elif isinstance(item, Gone):
                     return await self._gone(item)
                 else:
-                    assert isinstance(item, InferenceResponseEnd)
+                    assert isinstance(item, ResponseEnd)
                     return await self._end(item)
         except asyncio.CancelledError:
             # aiohttp cancels the handler when the buyer goes away.
@@ -207,7 +214,7 @@ class _Relay:
             self.response = response
         return self.response
 
-    async def _chunk(self, chunk: InferenceResponseChunk) -> None:
+    async def _chunk(self, chunk: ResponseChunk) -> None:
         if not self.flight.stream:
             self.parts.append(chunk.data)
             return
@@ -216,7 +223,7 @@ class _Relay:
         self.at_boundary = chunk.data.endswith("\n\n")
         self.done_seen = self.done_seen or SSE_DONE.strip() in chunk.data
 
-    async def _end(self, end: InferenceResponseEnd) -> web.StreamResponse:
+    async def _end(self, end: ResponseEnd) -> web.StreamResponse:
         if end.status != "complete":
             status, type_, code = END_ERRORS.get(end.status, (500, "server_error", end.status))
             message = end.error or f"provider ended the request with status {end.status}"
@@ -305,12 +312,14 @@ class BuyerAPI:
         relay: Relay,
         bus: EventBus,
         status: Callable[[], dict[str, Any]],
+        catalog: Catalog | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
         self.side = side
         self.relay = relay
         self.bus = bus
+        self.catalog = catalog
         self._status = status
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -323,6 +332,8 @@ class BuyerAPI:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/status", self.status)
         app.router.add_get("/v1/events", self.events)
+        app.router.add_get("/v1/autotune-candidates", self.autotune_candidates)
+        app.router.add_get("/v1/autotune-candidates.sig", self.autotune_signature)
         app.router.add_post("/admin/providers/{provider_id}/drain", self.admin_drain)
         app.router.add_post("/admin/providers/{provider_id}/drop", self.admin_drop)
         return app
@@ -375,11 +386,39 @@ class BuyerAPI:
             logger.info("bad request: %s", message)
             return error_response(400, message, "invalid_request_error", param=error_param(message))
         try:
-            flight = self.relay.dispatch(body, stream=chat.stream, model=chat.model)
+            flight = await self.relay.dispatch(body, stream=chat.stream, model=chat.model)
         except NoProviderAvailable as exc:
             logger.info("no provider for request model=%s", chat.model)
             return error_response(503, str(exc), "server_error", code="no_provider_available")
+        except SettlementRequired as exc:
+            logger.warning("route snapshot failed before provider dispatch: %s", exc)
+            return error_response(
+                500,
+                "Could not durably record route snapshot",
+                "server_error",
+                code="route_snapshot_failed",
+            )
         return await _Relay(self, request, flight).run()
+
+    async def autotune_candidates(self, request: web.Request) -> web.Response:
+        if self.catalog is None:
+            return error_response(
+                404,
+                "the stub has no catalog (catalog_models)",
+                "invalid_request_error",
+                code="not_found",
+            )
+        return web.Response(body=self.catalog.feed.raw, content_type="application/json")
+
+    async def autotune_signature(self, request: web.Request) -> web.Response:
+        if self.catalog is None:
+            return error_response(
+                404,
+                "the stub has no catalog (catalog_models)",
+                "invalid_request_error",
+                code="not_found",
+            )
+        return web.Response(body=self.catalog.signature, content_type="application/json")
 
     async def models(self, request: web.Request) -> web.Response:
         seen: dict[str, str] = {}

@@ -18,11 +18,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from .app import CoordinatorStub
+from .catalog import CatalogError
 from .config import WS_PATH, StubConfig
+from .manifest import ManifestError
 
 logger = logging.getLogger("coordinator_stub.cli")
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(StubConfig)}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(StubConfig) if f.init}
+
+
+def _catalog_model(text: str) -> tuple[str, str]:
+    model_id, sep, source = text.partition("=")
+    if not sep or not model_id or not source:
+        raise argparse.ArgumentTypeError(f"expected MODEL_ID=PATH_OR_SHA256, got {text!r}")
+    return model_id, source
 
 
 def _seconds(text: str) -> float:
@@ -86,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="buyer API port; 0 picks a free port",
     )
 
+    g = parser.add_argument_group("profile")
+    g.add_argument(
+        "--profile",
+        choices=("dev", "production"),
+        default=d["profile"],
+        help="admission gates: dev is permissive; production turns on those of the shipped "
+        "dist/coordinator.yaml (binary floor 1.8.33, tokens required with tokenless "
+        "self-mint, referral codes for bootstrap, require_hash_verified, the encrypted leg, "
+        "settlement enforce, no warm-up gate); a flag below overrides its gate",
+    )
+
     g = parser.add_argument_group("authentication")
     g.add_argument(
         "--token",
@@ -93,13 +113,133 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="T",
-        help="accepted provider token (repeatable); none given = any token accepted; "
-        "a rejected token is closed with 4005",
+        help="operator provider token, valid for any provider id (repeatable); none given "
+        "and tokens not required = any token accepted; a refused token is closed with 4005",
     )
     g.add_argument(
         "--issue-provider-token",
         action="store_true",
         help="put a generated assigned_provider_token in every hello_ack",
+    )
+    g.add_argument(
+        "--require-provider-tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="require a bearer token even without --token (profile default)",
+    )
+    g.add_argument(
+        "--allow-tokenless",
+        dest="allow_tokenless_provisional_bootstrap",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let tokenless connections self-mint a token (not routable) or run the v2 "
+        "credential bootstrap (profile default)",
+    )
+    g.add_argument(
+        "--referral-code",
+        dest="referral_codes",
+        action="append",
+        default=[],
+        metavar="CODE",
+        help="referral code accepted by credential bootstrap (repeatable)",
+    )
+    g.add_argument(
+        "--require-referral",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="credential bootstrap needs a referral code (profile default)",
+    )
+    g.add_argument(
+        "--accept-compatibility-set",
+        dest="accepted_compatibility_set_ids",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="accepted compatibility_set_id (repeatable); any given makes the id required",
+    )
+    g.add_argument(
+        "--bridge-compatibility-set",
+        dest="bridge_compatibility_set_ids",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="first-hop bridge compatibility_set_id: admitted without the floor, never routed",
+    )
+
+    g = parser.add_argument_group("admission")
+    g.add_argument(
+        "--required-binary-version",
+        default=None,
+        metavar="V",
+        help="binary floor: a lower binary_version is closed 4004 (profile default; '' none)",
+    )
+    g.add_argument(
+        "--recommended-binary-version",
+        default=None,
+        metavar="V",
+        help="advisory recommended_binary_version (profile default)",
+    )
+    g.add_argument(
+        "--catalog-model",
+        dest="catalog_models",
+        action="append",
+        type=_catalog_model,
+        default=[],
+        metavar="MODEL_ID=PATH",
+        help="a row of the signed autotune catalog the stub serves at /v1/autotune-candidates: "
+        "the model id and its snapshot directory, .gguf file or sha256 (repeatable)",
+    )
+    g.add_argument(
+        "--catalog-key-file",
+        default=None,
+        metavar="FILE",
+        help="Ed25519 seed (32 bytes raw or base64) signing the catalog; default: a key "
+        "generated at start (its id and public key are logged)",
+    )
+    g.add_argument(
+        "--catalog-key-id",
+        default=d["catalog_key_id"],
+        metavar="ID",
+        help="key id of the catalog signature",
+    )
+    g.add_argument(
+        "--require-hash-verified",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="route only providers whose model hash matches their catalog row (profile default)",
+    )
+    g.add_argument(
+        "--require-encrypted-leg",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="refuse v1 hello (4013) and route only tier-2 sessions (profile default)",
+    )
+    g.add_argument(
+        "--rekey-after-requests",
+        type=int,
+        default=d["rekey_after_requests"],
+        metavar="N",
+        help="requests per tier-2 key epoch before a rekey",
+    )
+    g.add_argument(
+        "--rekey-after-seconds",
+        type=_positive_seconds,
+        default=d["rekey_after_seconds"],
+        metavar="S",
+        help="age of a tier-2 key epoch before a rekey",
+    )
+    g.add_argument(
+        "--settlement-mode",
+        choices=("off", "observe", "enforce"),
+        default=None,
+        help="settlement metadata and receipt verification (profile default)",
+    )
+    g.add_argument(
+        "--pending-deadline-seconds",
+        type=int,
+        default=d["pending_deadline_seconds"],
+        metavar="N",
+        help="receipt deadline after the terminal state (1..900)",
     )
 
     g = parser.add_argument_group("handshake")
@@ -123,9 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("warm-up and wake")
     g.add_argument(
+        "--warmup-gate",
+        dest="warmup_gate",
+        action="store_const",
+        const=True,
+        default=None,
+        help="hold new providers degraded until the stub's 2-token warm-up request passes "
+        "(profile default: on in dev, off in production)",
+    )
+    g.add_argument(
         "--no-warmup-gate",
         dest="warmup_gate",
-        action="store_false",
+        action="store_const",
+        const=False,
         help="mark new providers ready without the stub's 2-token warm-up request",
     )
     g.add_argument(
@@ -311,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> StubConfig:
     """The :class:`StubConfig` the parsed ``args`` describe."""
-    names = {f.name for f in dataclasses.fields(StubConfig)}
+    names = {f.name for f in dataclasses.fields(StubConfig) if f.init}
     values: dict[str, Any] = {k: v for k, v in vars(args).items() if k in names}
     return StubConfig(**values)
 
@@ -332,6 +482,13 @@ async def run(config: StubConfig, args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        logger.info(
+            "autotune catalog url=%s key_id=%s public_key=%s rows=%d",
+            stub.catalog_url,
+            stub.catalog_key_id,
+            stub.catalog_public_key,
+            0 if stub.catalog is None else len(stub.catalog.feed.rows),
+        )
         print(f"ready ws={stub.ws_url} http={stub.http_url}", flush=True)
         await stop.wait()
         logger.info("signal received, shutting down")
@@ -355,6 +512,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         return asyncio.run(run(config, args))
-    except OSError as exc:
+    except (OSError, CatalogError, ManifestError) as exc:
         logger.error("cannot start: %s", exc)
         return 2

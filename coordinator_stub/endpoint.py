@@ -1,58 +1,103 @@
 """The provider endpoint ``/ws/provider``: listening, handshake, registration, frames in.
 
-:class:`WebSocketSide` accepts connections (with the refusal faults), checks
-the token and the first frame (:mod:`.frames`), registers the provider in the
-pool, and reads its frames for as long as the session lives, handing chunk
-and end frames to the :class:`~coordinator_stub.relay.Relay`.
+:class:`WebSocketSide` accepts connections (with the refusal faults), gates
+the bearer token at the upgrade, runs the handshake the first frame asks for
+(v1 ``hello`` or the v2 ``auth_request`` challenge/proof with the tier-2 key
+exchange), admits the provider (binary floor, compatibility set, catalog,
+model hash, tokens, identities) with the real coordinator's close codes and
+reasons (``server.go``), registers it in the pool, and reads its frames for
+as long as the session lives. Every frame is parsed with
+:mod:`coordinator_stub.frames` and handled as Go handles it: a bad heartbeat
+is dropped, a bad model hash fences the session, a ``drain_status
+complete`` closes it, chunk and end frames go to the
+:class:`~coordinator_stub.relay.Relay`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import datetime as dt
+import hashlib
 import itertools
 import logging
 import math
 import secrets
 import socket
 import time
+import uuid
+from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from provider.coordinator.messages import (
-    PROTOCOL_VERSION,
-    Drain,
-    DrainStatus,
-    Heartbeat,
-    Hello,
-    HelloAck,
-    InferenceResponseChunk,
-    InferenceResponseEnd,
-    Invalid,
-    Nak,
-    Preflight,
-    PreflightAck,
-    StateUpdate,
-    WarmUp,
-    decode_provider_frame,
-    message_type,
-)
-
+from . import gojson, jcs, messages
+from .catalog import Catalog, CatalogError, model_hash_status
+from .catalog import admit as catalog_admit
 from .config import WS_PATH, StubConfig
+from .credentials import AUTH_BEARER_VALIDATED, AUTH_SELF_MINTED, CredentialRefusal, Credentials
 from .events import EventBus
 from .faults import Faults, RefuseMode
-from .frames import Refusal, check_hello, close_reason
+from .frames import (
+    CATALOG_FIELDS,
+    SUPPORTED_MODELS_FIELDS,
+    AuthProof,
+    FrameError,
+    Refusal,
+    Registration,
+    Tier2Caps,
+    close_reason,
+    decode_std_base64,
+    envelope_type,
+    parse_auth_request,
+    parse_diagnostic_status,
+    parse_drain_status,
+    parse_first,
+    parse_heartbeat,
+    parse_hello,
+    parse_idle_prewarm_event,
+    parse_nak,
+    parse_preflight_ack,
+    parse_state_update,
+)
+from .gojson import GoJSONError
 from .observe import Changes, FrameLog, FrameRecord, RejectRecord
 from .pool import Pool
-from .relay import Relay
+from .relay import FrameOutcome, Relay
+from .rules import STATES, below_floor, is_bootstrap_principal, valid_compatibility_set_id
 from .session import ProviderSession, StubConnection
+from .tier2 import (
+    A256GCM,
+    CoordinatorKey,
+    Epoch,
+    Tier2Error,
+    b64url,
+    ed25519_verify,
+    parse_x25519_public,
+)
 
 logger = logging.getLogger(__name__)
+
+#: How long an ``auth_challenge`` is valid.
+CHALLENGE_TTL: Final = dt.timedelta(minutes=10)
+ATTESTATION_FORMATS: Final = (
+    "apple-managed-device-attestation-acme-v1",
+    "macprovider-se-p256-v1",
+)
+#: The nak codes the coordinator acts on; any other is only logged.
+HANDLED_NAK_CODES: Final = frozenset(
+    {
+        "unknown_message_type",
+        "duplicate_request_id",
+        "tier2_aead_decrypt_failed",
+        "tier2_encrypted_frame_required",
+    }
+)
 
 
 class WebSocketSide:
@@ -66,6 +111,8 @@ class WebSocketSide:
         faults: Faults,
         log: FrameLog,
         changes: Changes,
+        credentials: Credentials,
+        catalog: Catalog | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -73,11 +120,27 @@ class WebSocketSide:
         self.faults = faults
         self.log = log
         self.changes = changes
+        self.credentials = credentials
+        self.catalog = catalog
         self.sessions: dict[str, ProviderSession] = {}
-        self.relay = Relay(config, pool, bus, changes, self.sessions)
+        self.relay = Relay(config, pool, bus, changes, self.sessions, catalog)
+        #: Provider ids that completed a credential bootstrap, in order.
+        self.bootstraps: list[str] = []
         self.port = 0
         self.stopping = False
-        self._tokens: set[str] = set(config.tokens)
+        self._handlers: dict[str, Callable[[ProviderSession, str, float], FrameOutcome]] = {
+            "heartbeat": self._on_heartbeat,
+            "state_update": self._on_state_update,
+            "preflight_ack": self._on_preflight_ack,
+            "drain_status": self._on_drain_status,
+            "nak": self._on_nak,
+            "diagnostic_status": self._on_diagnostic_status,
+            "idle_prewarm_event": self._on_idle_prewarm,
+            "inference_response_chunk": self._on_chunk,
+            "inference_response_end": self._on_end,
+            "aead_rekey_response": self._on_rekey_response,
+            "aead_rekey_committed": self._on_rekey_committed,
+        }
         self._session_ids = itertools.count(1)
         self._server: Server | None = None
         self._servers: list[Server] = []
@@ -175,8 +238,7 @@ class WebSocketSide:
             await server.wait_closed()
         for task in list(self._background):
             task.cancel()
-        for flight in list(self.relay.flights.values()):
-            self.relay._fail_flight(flight, "stub_shutdown", "coordinator stopped")
+        self.relay.fail_all("stub_shutdown", "coordinator stopped")
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -201,13 +263,6 @@ class WebSocketSide:
             )
         return None
 
-    def _token_ok(self, headers: Headers) -> bool:
-        if not self._tokens:
-            return True
-        value = headers.get("Authorization", "")
-        scheme, _, token = value.partition(" ")
-        return scheme.lower() == "bearer" and token.strip() in self._tokens
-
     async def _reject(
         self, conn: ServerConnection, code: int, reason: str, provider_id: str | None = None
     ) -> None:
@@ -222,65 +277,546 @@ class WebSocketSide:
         )
         await conn.close(code, reason)
 
+    async def _reject_v2(
+        self,
+        conn: ServerConnection,
+        error_code: str,
+        message: str,
+        close_code: int,
+        reason: str,
+        provider_id: str | None,
+    ) -> None:
+        """``auth_response`` rejected, then the close (the v2 refusals that answer first)."""
+        with contextlib.suppress(ConnectionClosed):
+            await conn.send(messages.auth_rejected(error_code, message).wire)
+        await self._reject(conn, close_code, reason, provider_id)
+
     async def _handler(self, conn: ServerConnection) -> None:
         assert isinstance(conn, StubConnection)
         if self.faults.take_accept_then_close():
             await self._reject(conn, self.faults.accept_close_code, self.faults.accept_close_reason)
             return
-        if not self._token_ok(conn.request.headers):
-            await self._reject(conn, 4005, "invalid provider token")
+        authorization = conn.request.headers.get("Authorization")
+        try:
+            token = self.credentials.check_upgrade(authorization)
+        except CredentialRefusal as refusal:
+            await self._reject(conn, refusal.code, refusal.reason)
             return
+        if token is None and authorization is not None:
+            logger.warning(
+                "malformed Authorization header accepted as tokenless (the real coordinator "
+                "closes 4005 invalid_token) remote=%s",
+                _peer(conn),
+            )
         try:
             first = await asyncio.wait_for(conn.recv(), self.config.hello_timeout_s)
         except TimeoutError:
-            await self._reject(conn, 4000, f"no hello within {self.config.hello_timeout_s}s")
+            await self._reject(conn, 4001, "invalid_hello: read")
             return
         except ConnectionClosed as exc:
             logger.info("connection closed before hello remote=%s: %s", _peer(conn), exc)
             return
-        hello = await self._check_hello(conn, first)
-        if hello is None:
+        if isinstance(first, bytes):
+            await self._reject(conn, 4000, "unrecognized auth message")
             return
-        session = self._register(conn, hello, first)
+        try:
+            kind, version = parse_first(first)
+        except FrameError:
+            await self._reject(conn, 4000, "unrecognized auth message")
+            return
+        try:
+            if kind == "hello" and version == 1:
+                session = await self._v1(conn, token, first)
+            elif kind == "auth_request" and version == 2:
+                session = await self._v2(conn, token, first)
+            else:
+                await self._reject(conn, 4000, "unrecognized auth message")
+                return
+        except Refusal as refusal:
+            await self._reject(conn, refusal.code, refusal.reason, refusal.provider_id)
+            return
+        if session is None:
+            return
         closed: ConnectionClosed | None = None
         try:
             closed = await self._receive(session)
         finally:
             self._end_session(session, closed)
 
-    async def _check_hello(self, conn: ServerConnection, first: str | bytes) -> Hello | None:
-        try:
-            return check_hello(first)
-        except Refusal as refusal:
-            await self._reject(conn, refusal.code, refusal.reason, refusal.provider_id)
-            return None
+    # -- admission (both paths) ---------------------------------------------
 
-    def _register(self, conn: StubConnection, hello: Hello, raw: str | bytes) -> ProviderSession:
-        now = time.monotonic()
-        session_id = next(self._session_ids)
-        token = None
-        if self.config.issue_provider_token:
-            token = "ptok_" + secrets.token_urlsafe(24)
-            if self.config.tokens:
-                self._tokens.add(token)
-        record, _replaced, events = self.pool.register(hello, session_id, now, assigned_token=token)
-        session = ProviderSession(
-            conn, session_id, hello, now, config=self.config, faults=self.faults, log=self.log
+    def _compatibility(self, reg: Registration) -> str | None:
+        """Compatibility-set admission: ``None`` (unconfigured), ``accepted``, ``update_bridge``."""
+        accepted = self.config.accepted_compatibility_set_ids
+        bridge = self.config.bridge_compatibility_set_ids
+        if not accepted and not bridge:
+            return None
+        cid = reg.compatibility_set_id
+        if not cid:
+            raise Refusal(4001, "compatibility_set_required", reg.provider_id)
+        if not valid_compatibility_set_id(cid):
+            raise Refusal(4001, "compatibility_set_invalid", reg.provider_id)
+        if cid in bridge:
+            return "update_bridge"
+        if cid not in accepted:
+            raise Refusal(4001, "compatibility_set_unaccepted", reg.provider_id)
+        return "accepted"
+
+    def _compatibility_ack(self, reg: Registration, compat: str | None) -> dict[str, str]:
+        policy = "configured" if compat is not None else "unconfigured"
+        return {
+            "policy": policy,
+            "accepted": reg.compatibility_set_id if compat is not None else "",
+        }
+
+    def _floor(self, reg: Registration) -> None:
+        required = self.config.required_binary_version
+        if required and below_floor(reg.binary_version, required):
+            raise Refusal(
+                4004,
+                f"version_unsupported: binary_version {reg.binary_version} below required "
+                f"{required}",
+                reg.provider_id,
+            )
+
+    def _admit(self, reg: Registration, compat: str | None) -> dict[str, Any]:
+        """``prepareProviderAdmission``: floor, catalog and model hash; the record's facts."""
+        if compat != "update_bridge":
+            self._floor(reg)
+        if compat == "update_bridge":
+            mode = "update_bridge"
+        else:
+            try:
+                mode = catalog_admit(
+                    self.catalog,
+                    reg.model_id,
+                    {name: getattr(reg, name) for name in CATALOG_FIELDS},
+                )
+            except CatalogError as exc:
+                logger.warning("catalog incompatible provider_id=%s: %s", reg.provider_id, exc)
+                raise Refusal(4001, "catalog_incompatible", reg.provider_id) from None
+        status = model_hash_status(
+            self.catalog, reg.model_id, reg.model_hash, reg.model_hash_algorithm
         )
-        old = self.sessions.get(hello.provider_id)
-        self.sessions[hello.provider_id] = session
-        removal = self._removals.pop(hello.provider_id, None)
+        if status == "invalid" and reg.model_hash:
+            raise Refusal(4001, "invalid_model_hash_identity", reg.provider_id)
+        expected = (
+            ""
+            if self.catalog is None
+            else self.catalog.feed.expected_model_hash(reg.model_id) or ""
+        )
+        return {"catalog_mode": mode, "hash_status": status, "expected_model_hash": expected}
+
+    def _token_state(self, provider_id: str, token: str | None) -> str:
+        try:
+            return self.credentials.validate(provider_id, token, time.monotonic())
+        except CredentialRefusal as refusal:
+            raise Refusal(refusal.code, refusal.reason, provider_id) from None
+
+    def _self_mint(self, provider_id: str, token: str | None, auth_state: str) -> tuple[str, str]:
+        """``resolveProvisionalToken``: ``(auth_state, assigned_provider_token)``."""
+        if self.credentials.needs_self_mint(token):
+            try:
+                minted = self.credentials.self_mint(provider_id, time.monotonic())
+            except CredentialRefusal as refusal:
+                raise Refusal(refusal.code, refusal.reason, provider_id) from None
+            logger.info("provider token self-minted provider_id=%s", provider_id)
+            return AUTH_SELF_MINTED, minted
+        if self.config.issue_provider_token:
+            return auth_state, self.credentials.issue()
+        return auth_state, ""
+
+    # -- v1 -------------------------------------------------------------------
+
+    async def _v1(self, conn: StubConnection, token: str | None, first: str) -> ProviderSession:
+        received = time.monotonic()
+        try:
+            reg = parse_hello(first)
+        except FrameError as exc:
+            raise Refusal(4001, f"invalid_hello: {exc.field}") from None
+        pid = reg.provider_id
+        if reg.tier != 1:
+            raise Refusal(4003, f"tier_unsupported: tier {reg.tier} not supported", pid)
+        compat = self._compatibility(reg)
+        if self.config.require_encrypted_leg:
+            raise Refusal(4013, "tier2_encrypted_leg_required", pid)
+        if reg.credential_bootstrap:
+            raise Refusal(4001, "credential_bootstrap_requires_v2", pid)
+        if pid in self.credentials.identities:
+            if is_bootstrap_principal(pid):
+                raise Refusal(4003, "bootstrap_identity_requires_v2", pid)
+            raise Refusal(4003, "durable_identity_requires_v2", pid)
+        admission = self._admit(reg, compat)
+        auth_state = self._token_state(pid, token)
+        auth_state, assigned_token = self._self_mint(pid, token, auth_state)
+        assigned_id = str(uuid.uuid4())
+        recommended = self.config.recommended_binary_version if reg.compatibility_set_id else ""
+        ack = messages.hello_ack(
+            assigned_id=assigned_id,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            tier=self.config.tier,
+            recommended_binary_version=recommended,
+            required_binary_version=self.config.required_binary_version,
+            assigned_provider_token=assigned_token,
+            auth_state=auth_state,
+            catalog=self._catalog_ack(admission["catalog_mode"]),
+            compatibility=self._compatibility_ack(reg, compat),
+        )
+        handshake = [(received, "in", "hello", reg, first)]
+        return self._register(
+            conn,
+            reg,
+            handshake,
+            ack,
+            protocol=1,
+            assigned_id=assigned_id,
+            auth_state=auth_state,
+            assigned_token=assigned_token or None,
+            **admission,
+        )
+
+    def _catalog_ack(self, mode: str) -> dict[str, str] | None:
+        if self.catalog is None or mode != "compatible":
+            return None
+        return self.catalog.ack_fields()
+
+    # -- v2 -------------------------------------------------------------------
+
+    async def _v2(
+        self, conn: StubConnection, token: str | None, first: str
+    ) -> ProviderSession | None:
+        received = time.monotonic()
+        try:
+            reg = parse_auth_request(first)
+        except FrameError as exc:
+            if exc.field in SUPPORTED_MODELS_FIELDS:
+                await self._reject_v2(conn, "bad_request", exc.field, 4001, exc.field, None)
+                return None
+            raise Refusal(4000, "unrecognized auth message") from None
+        if not isinstance(reg, Registration):
+            raise Refusal(4000, "unrecognized auth message")
+        pid = reg.provider_id
+        try:
+            compat = self._compatibility(reg)
+        except Refusal as refusal:
+            await self._reject_v2(
+                conn, refusal.reason, refusal.reason, refusal.code, refusal.reason, pid
+            )
+            return None
+        try:
+            transcript = base64.b64encode(
+                hashlib.sha256(jcs.canonical(gojson.loads(first))).digest()
+            ).decode()
+        except (GoJSONError, jcs.JCSError):
+            raise Refusal(4001, "invalid_auth_request: transcript", pid) from None
+        caps = reg.tier2_capabilities or Tier2Caps()
+        if not caps.encrypted_leg or A256GCM not in caps.aead_suites:
+            raise Refusal(4001, "no_common_aead_suite", pid)
+        try:
+            provider_public = parse_x25519_public(reg.provider_ecdh_public_key)
+        except Tier2Error:
+            raise Refusal(4013, "tier2_key_exchange_failed", pid) from None
+        bootstrap = reg.credential_bootstrap
+        auth_state = ""
+        admission: dict[str, Any] = {}
+        if bootstrap:
+            if token is not None:
+                raise Refusal(4005, "invalid_token", pid)
+            if not is_bootstrap_principal(pid) or reg.provider_receipt_public_key is None:
+                raise Refusal(4003, "bootstrap_receipt_identity_required", pid)
+            self._floor(reg)
+        else:
+            admission = self._admit(reg, compat)
+            auth_state = self._token_state(pid, token)
+        assigned_id = str(uuid.uuid4())
+        coordinator_key = CoordinatorKey()
+        try:
+            keys = coordinator_key.derive(provider_public, pid, assigned_id)
+        except Tier2Error:
+            raise Refusal(4013, "tier2_key_exchange_failed", pid) from None
+        identity = self.credentials.identities.get(pid)
+        enroll_key = None
+        if (
+            not bootstrap
+            and identity is None
+            and auth_state == AUTH_BEARER_VALIDATED
+            and reg.provider_admission_public_key is not None
+        ):
+            enroll_key = reg.provider_admission_public_key
+        signature_required = bootstrap or identity is not None or enroll_key is not None
+        attempt_id = "auth-" + str(uuid.uuid4())
+        expires = dt.datetime.now(dt.UTC).replace(microsecond=0) + CHALLENGE_TTL
+        expires_mono = time.monotonic() + CHALLENGE_TTL.total_seconds()
+        challenge = messages.auth_challenge_fields(
+            auth_attempt_id=attempt_id,
+            assigned_id=assigned_id,
+            attestation_challenge=b64url(secrets.token_bytes(32)),
+            attestation_formats=list(ATTESTATION_FORMATS),
+            coordinator_ecdh_public_key=coordinator_key.public_b64url,
+            key_id=keys.kid,
+            expires_at=expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            admission_identity_public_key=(
+                base64.b64encode(identity.public_key).decode()
+                if identity is not None and not bootstrap
+                else ""
+            ),
+            admission_identity_generation=(
+                identity.generation if identity is not None and not bootstrap else 0
+            ),
+        )
+        challenge_frame = messages.outgoing(challenge)
+        try:
+            await conn.send(challenge_frame.wire)
+        except ConnectionClosed:
+            return None
+        challenged = time.monotonic()
+        try:
+            second = await asyncio.wait_for(conn.recv(), self.config.hello_timeout_s)
+        except TimeoutError:
+            raise Refusal(4001, "invalid_auth_request: read", pid) from None
+        except ConnectionClosed:
+            return None
+        proved = time.monotonic()
+        if isinstance(second, bytes):
+            raise Refusal(4001, "invalid_auth_request: type", pid)
+        try:
+            proof = parse_auth_request(second)
+            if not isinstance(proof, AuthProof):
+                raise FrameError("stage", "expected the proof stage")
+        except FrameError as exc:
+            await self._reject_v2(
+                conn,
+                "invalid_auth_request",
+                exc.message,
+                4001,
+                f"invalid_auth_request: {exc.field}",
+                pid,
+            )
+            return None
+        if (
+            proof.auth_attempt_id != attempt_id
+            or proof.provider_id != pid
+            or proof.credential_bootstrap != bootstrap
+            or proof.referral_code != reg.referral_code
+            or (proof.supported_models_present and proof.supported_models != reg.supported_models)
+            or (
+                proof.publishes_present
+                and proof.publishes_supported_models != reg.publishes_supported_models
+            )
+            or time.monotonic() > expires_mono
+        ):
+            await self._reject_v2(
+                conn,
+                "attestation_failed",
+                "auth proof does not match the challenge",
+                4012,
+                "tier2_attestation_failed",
+                pid,
+            )
+            return None
+        if signature_required:
+            if bootstrap:
+                assert reg.provider_receipt_public_key is not None
+                key = reg.provider_receipt_public_key
+                code = "bootstrap_identity_proof_required"
+                # The challenge as Go marshals it, decoded back (UseNumber).
+                extra = {
+                    "challenge": gojson.loads(challenge_frame.wire),
+                    "credential_bootstrap": True,
+                }
+            else:
+                key = identity.public_key if identity is not None else enroll_key  # type: ignore[assignment]
+                code = "identity_signature_required"
+                extra = {}
+            assert key is not None
+            signed = {
+                "auth_attempt_id": attempt_id,
+                "provider_id": pid,
+                "binary_version": reg.binary_version,
+                "provider_ecdh_public_key": reg.provider_ecdh_public_key,
+                "transcript_sha256": transcript,
+                **extra,
+            }
+            if not _identity_signature_ok(proof, transcript, key, signed):
+                await self._reject_v2(
+                    conn, code, f"{code}: identity signature missing or invalid", 4003, code, pid
+                )
+                return None
+        handshake: list[tuple[float, str, str, Any, str]] = [
+            (received, "in", "auth_request", reg, first),
+            (challenged, "out", "auth_challenge", challenge_frame, challenge_frame.wire),
+            (proved, "in", "auth_request", proof, second),
+        ]
+        if bootstrap:
+            await self._bootstrap(conn, reg, keys.kid, caps, assigned_id)
+            return None
+        auth_state, assigned_token = self._self_mint(pid, token, auth_state)
+        identity_mode = "exemption"
+        if enroll_key is not None:
+            identity = self.credentials.enroll(pid, enroll_key)
+        if signature_required:
+            identity_mode = "signature"
+        epoch = Epoch(
+            keys=keys,
+            response_chunk_plaintext_envelope=caps.response_chunk_plaintext_envelope,
+            in_band_rekey=caps.in_band_aead_rekey_v1,
+            started_at=time.monotonic(),
+        )
+        response = messages.auth_accepted(
+            assigned_id=assigned_id,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            tier=self.config.tier,
+            kid=keys.kid,
+            rekey_after_requests=self.config.rekey_after_requests,
+            rekey_after_seconds=int(self.config.rekey_after_seconds),
+            response_chunk_plaintext_envelope=caps.response_chunk_plaintext_envelope,
+            in_band_aead_rekey_v1=caps.in_band_aead_rekey_v1,
+            model_hash_status=admission.get("hash_status", ""),
+            recommended_binary_version=self.config.recommended_binary_version,
+            required_binary_version=self.config.required_binary_version,
+            assigned_provider_token=assigned_token,
+            auth_state=auth_state,
+            identity_admission_mode=identity_mode,
+            identity_admission_key_role="current" if signature_required else "",
+            identity_generation=identity.generation if signature_required and identity else 0,
+            admission_identity_public_key=(
+                base64.b64encode(identity.public_key).decode()
+                if signature_required and identity
+                else ""
+            ),
+            catalog=self._catalog_ack(admission.get("catalog_mode", "")),
+            compatibility=self._compatibility_ack(reg, compat),
+        )
+        receipt_key = reg.provider_receipt_public_key
+        return self._register(
+            conn,
+            reg,
+            handshake,
+            response,
+            protocol=2,
+            assigned_id=assigned_id,
+            auth_state=auth_state,
+            assigned_token=assigned_token or None,
+            epoch=epoch,
+            receipt_key=receipt_key,
+            receipt_key_pending=self.pool.receipt_key_pending(pid, receipt_key),
+            **admission,
+        )
+
+    async def _bootstrap(
+        self,
+        conn: StubConnection,
+        reg: Registration,
+        kid: str,
+        caps: Tier2Caps,
+        assigned_id: str,
+    ) -> None:
+        """Credential bootstrap after a valid proof: mint, answer, close (no session)."""
+        pid = reg.provider_id
+        remote = _peer(conn).rsplit(":", 1)[0]
+        now = time.monotonic()
+        if not self.credentials.take_bootstrap_slot(remote, pid, now):
+            await self._reject_v2(
+                conn,
+                "credential_bootstrap_rate_limited",
+                "credential bootstrap rate limited",
+                4008,
+                "credential_bootstrap_rate_limited",
+                pid,
+            )
+            return
+        assert reg.provider_receipt_public_key is not None
+        try:
+            token = self.credentials.mint_bootstrap(
+                pid, reg.provider_receipt_public_key, reg.referral_code, now
+            )
+        except CredentialRefusal as refusal:
+            await self._reject(conn, refusal.code, refusal.reason, pid)
+            return
+        response = messages.auth_accepted(
+            assigned_id=assigned_id,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            tier="provisional",
+            kid=kid,
+            rekey_after_requests=self.config.rekey_after_requests,
+            rekey_after_seconds=int(self.config.rekey_after_seconds),
+            response_chunk_plaintext_envelope=caps.response_chunk_plaintext_envelope,
+            in_band_aead_rekey_v1=caps.in_band_aead_rekey_v1,
+            recommended_binary_version=self.config.recommended_binary_version,
+            required_binary_version=self.config.required_binary_version,
+            assigned_provider_token=token,
+            identity_admission_mode="signature",
+            identity_generation=1,
+        )
+        logger.info("credential bootstrap token minted provider_id=%s", pid)
+        with contextlib.suppress(ConnectionClosed):
+            await conn.send(response.wire)
+        self.bootstraps.append(pid)
+        # The handler returns: Go closes the TCP connection, no close frame.
+        self.log.reject(
+            RejectRecord(time.monotonic(), 0, "credential_bootstrap_complete", pid, _peer(conn))
+        )
+        conn.transport.close()
+        self.changes.notify()
+
+    # -- registration ---------------------------------------------------------
+
+    def _register(
+        self,
+        conn: StubConnection,
+        reg: Registration,
+        handshake: list[tuple[float, str, str, Any, str]],
+        ack: messages.Outgoing,
+        *,
+        protocol: int,
+        assigned_id: str,
+        epoch: Epoch | None = None,
+        assigned_token: str | None = None,
+        **admission: Any,
+    ) -> ProviderSession:
+        now = time.monotonic()
+        pid = reg.provider_id
+        session_id = next(self._session_ids)
+        record, _replaced, events = self.pool.register(
+            reg,
+            session_id,
+            now,
+            assigned_token=assigned_token,
+            protocol=protocol,
+            assigned_id=assigned_id,
+            encrypted=epoch is not None,
+            **admission,
+        )
+        session = ProviderSession(
+            conn,
+            session_id,
+            reg,
+            now,
+            config=self.config,
+            faults=self.faults,
+            log=self.log,
+            assigned_id=assigned_id,
+            epoch=epoch,
+        )
+        old = self.sessions.get(pid)
+        self.sessions[pid] = session
+        removal = self._removals.pop(pid, None)
         if removal is not None:
             removal.cancel()
-        self.log.add(FrameRecord(now, hello.provider_id, session_id, "in", "hello", hello, raw))
+        for when, direction, kind, message, raw in handshake:
+            self.log.add(FrameRecord(when, pid, session_id, direction, kind, message, raw))  # type: ignore[arg-type]
         logger.info(
-            "provider registered provider_id=%s session_id=%d model_id=%s max_concurrency=%d "
-            "state=%s remote=%s",
-            hello.provider_id,
+            "provider registered provider_id=%s session_id=%d protocol=%d model_id=%s "
+            "max_concurrency=%d state=%s auth_state=%s catalog=%s hash=%s remote=%s",
+            pid,
             session_id,
-            hello.model_id,
-            hello.max_concurrency,
+            protocol,
+            reg.model_id,
+            reg.max_concurrency,
             record.state,
+            record.auth_state or "-",
+            record.catalog_mode,
+            record.hash_status,
             _peer(conn),
         )
         if old is not None:
@@ -288,20 +824,10 @@ class WebSocketSide:
             old.abort("replaced", f"superseded by session {session_id}")
         self.bus.publish_all(events)
         session.start()
-        session.send(
-            HelloAck(
-                coordinator_version=PROTOCOL_VERSION,
-                assigned_id=hello.provider_id,
-                heartbeat_interval_s=self.config.heartbeat_interval_s,
-                tier=self.config.tier,
-                assigned_provider_token=token,
-            )
-        )
+        session.send(ack)
         if not record.warmed:
             session.add_task(
-                asyncio.create_task(
-                    self.relay.warm_up(session), name=f"warm-up {hello.provider_id}#{session_id}"
-                )
+                asyncio.create_task(self.relay.warm_up(session), name=f"warm-up {pid}#{session_id}")
             )
         return session
 
@@ -323,76 +849,200 @@ class WebSocketSide:
                 self.log.add(FrameRecord(now, pid, sid, "in", "<binary>", None, data))
                 logger.debug("binary frame ignored provider_id=%s bytes=%d", pid, len(data))
                 continue
-            msg = decode_provider_frame(data)
-            if isinstance(msg, Invalid):
-                self.log.add(FrameRecord(now, pid, sid, "in", msg.type or "<invalid>", msg, data))
+            try:
+                kind = envelope_type(data)
+            except FrameError as exc:
+                # Go logs it; it does not even count as liveness.
                 self.pool.record_invalid(pid, sid)
-                logger.warning(
-                    "undecodable frame provider_id=%s type=%r code=%s error=%s",
-                    pid,
-                    msg.type,
-                    msg.code,
-                    msg.message,
+                self.log.add(
+                    FrameRecord(now, pid, sid, "in", "<invalid>", None, data, str(exc), "dropped")
                 )
-                if msg.code == "unknown_message_type":
-                    # Well-formed JSON, just a type we do not know: still a
-                    # sign of life.
-                    session.last_liveness = now
-                    self.pool.touch(pid, sid, now)
+                logger.warning("undecodable frame provider_id=%s error=%s", pid, exc)
                 continue
             session.last_liveness = now
             self.pool.touch(pid, sid, now)
-            self.log.add(FrameRecord(now, pid, sid, "in", message_type(msg), msg, data))
-            self._dispatch(session, msg, now)
+            outcome = self._dispatch(session, kind, data, now)
+            if outcome.error is not None:
+                self.pool.record_invalid(pid, sid)
+                logger.warning(
+                    "frame not accepted provider_id=%s type=%r action=%s error=%s",
+                    pid,
+                    kind,
+                    outcome.action,
+                    outcome.error,
+                )
+            self.log.add(
+                FrameRecord(
+                    now,
+                    pid,
+                    sid,
+                    "in",
+                    kind or "<invalid>",
+                    outcome.message,
+                    data,
+                    outcome.error,
+                    outcome.action,
+                )
+            )
+            self.changes.notify()
 
-    def _dispatch(self, session: ProviderSession, msg: Any, now: float) -> None:
+    def _dispatch(self, session: ProviderSession, kind: str, data: str, now: float) -> FrameOutcome:
+        handler = self._handlers.get(kind)
+        if handler is None:
+            return FrameOutcome(error=f"unknown message type {kind!r}", action="dropped")
+        try:
+            return handler(session, data, now)
+        except FrameError as exc:
+            return FrameOutcome(error=str(exc), action="dropped")
+
+    def _on_heartbeat(self, session: ProviderSession, data: str, now: float) -> FrameOutcome:
         pid, sid = session.provider_id, session.session_id
-        if isinstance(msg, Heartbeat):
-            gap, events = self.pool.heartbeat(pid, sid, msg, now)
-            self.bus.publish_all(events)
-            wake = self.config.wake_gap_s
-            if gap is not None and wake is not None and gap > wake:
-                logger.warning("heartbeat gap provider_id=%s gap_s=%.3f: sending warm_up", pid, gap)
-                self.bus.publish({"type": "wake_gap", "provider_id": pid, "gap_s": round(gap, 3)})
-                session.send(WarmUp())
-        elif isinstance(msg, StateUpdate):
-            logger.info(
-                "state_update provider_id=%s state=%s reason=%s", pid, msg.state, msg.reason
+        try:
+            hb = parse_heartbeat(data)
+        except FrameError as exc:
+            if exc.field in ("model_hash", "model_hash_algorithm"):
+                self._fence(session, str(exc))
+                return FrameOutcome(error=str(exc), action="fenced")
+            raise
+        if hb.status not in STATES:
+            return FrameOutcome(hb, f"invalid status {hb.status!r}", "dropped")
+        telemetry = hb.safety_telemetry
+        if telemetry is not None:
+            if telemetry.get("provider_id") != pid:
+                return FrameOutcome(hb, "safety_telemetry provider_id mismatch", "dropped")
+            if (
+                telemetry.get("schema_version") == 2
+                and session.assigned_id
+                and telemetry.get("coordinator_session_id") != session.assigned_id
+            ):
+                return FrameOutcome(hb, "safety_telemetry session mismatch", "dropped")
+        record = self.pool.get(pid)
+        if hb.model_hash_present and record is not None and record.session_id == sid:
+            algorithm = (
+                hb.model_hash_algorithm
+                if hb.model_hash_algorithm_present
+                else record.model_hash_algorithm
             )
-            self.bus.publish_all(self.pool.state_update(pid, sid, msg, now))
-            if msg.state == "ready":
-                session.reported_ready.set()
-        elif isinstance(msg, InferenceResponseChunk | InferenceResponseEnd):
-            self.relay.on_response(session, msg)
-        elif isinstance(msg, PreflightAck):
-            self.pool.record_preflight_ack(pid, sid, msg)
-            logger.info(
-                "preflight_ack provider_id=%s request_id=%s accepted=%s reason=%s",
-                pid,
-                msg.request_id,
-                msg.accepted,
-                msg.reason,
-            )
-        elif isinstance(msg, DrainStatus):
-            logger.info(
-                "drain_status provider_id=%s phase=%s inflight=%d",
-                pid,
-                msg.phase,
-                msg.inflight_requests,
-            )
-            self.bus.publish_all(self.pool.record_drain_status(pid, sid, msg))
-        elif isinstance(msg, Nak):
-            self.pool.record_nak(pid, sid, msg)
-            logger.warning(
-                "nak provider_id=%s in_reply_to=%s code=%s message=%s",
-                pid,
-                msg.in_reply_to,
-                msg.error.code,
-                msg.error.message,
-            )
-        elif isinstance(msg, Hello):
-            logger.warning("second hello ignored provider_id=%s session_id=%d", pid, sid)
-        self.changes.notify()
+            status = model_hash_status(self.catalog, hb.model_id, hb.model_hash, algorithm)
+            if status == "invalid" and hb.model_hash:
+                self._fence(session, "heartbeat model hash invalid")
+                return FrameOutcome(hb, "invalid model hash identity", "fenced")
+            record.hash_status = status
+        gap, events = self.pool.heartbeat(pid, sid, hb, now)
+        self.bus.publish_all(events)
+        wake = self.config.wake_gap_s
+        if gap is not None and wake is not None and gap > wake:
+            logger.warning("heartbeat gap provider_id=%s gap_s=%.3f: sending warm_up", pid, gap)
+            self.bus.publish({"type": "wake_gap", "provider_id": pid, "gap_s": round(gap, 3)})
+            session.send(messages.warm_up())
+        return FrameOutcome(hb)
+
+    def _fence(self, session: ProviderSession, detail: str) -> None:
+        record = self.pool.get(session.provider_id)
+        if record is not None and record.session_id == session.session_id:
+            record.fenced = detail
+        logger.warning("provider fenced provider_id=%s: %s", session.provider_id, detail)
+        self.relay.fail_flights(session, "provider_fenced", detail)
+        session.close(4001, "invalid_model_hash_identity", "fenced")
+
+    def _on_state_update(self, session: ProviderSession, data: str, now: float) -> FrameOutcome:
+        update = parse_state_update(data)
+        if update.state not in STATES:
+            return FrameOutcome(update, f"invalid state {update.state!r}", "dropped")
+        logger.info(
+            "state_update provider_id=%s state=%s reason=%s",
+            session.provider_id,
+            update.state,
+            update.reason,
+        )
+        self.bus.publish_all(
+            self.pool.state_update(session.provider_id, session.session_id, update, now)
+        )
+        if update.state == "ready":
+            session.reported_ready.set()
+        return FrameOutcome(update)
+
+    def _on_preflight_ack(self, session: ProviderSession, data: str, now: float) -> FrameOutcome:
+        ack = parse_preflight_ack(data)
+        self.pool.record_preflight_ack(session.provider_id, session.session_id, ack)
+        logger.info(
+            "preflight_ack provider_id=%s request_id=%s accepted=%s reason=%s",
+            session.provider_id,
+            ack.request_id,
+            ack.accepted,
+            ack.reason,
+        )
+        return FrameOutcome(ack)
+
+    def _on_drain_status(self, session: ProviderSession, data: str, now: float) -> FrameOutcome:
+        status = parse_drain_status(data)
+        logger.info(
+            "drain_status provider_id=%s phase=%s inflight=%d",
+            session.provider_id,
+            status.phase,
+            status.inflight_requests,
+        )
+        self.bus.publish_all(
+            self.pool.record_drain_status(session.provider_id, session.session_id, status)
+        )
+        if status.phase == "starting":
+            session.draining = True
+        elif status.phase == "complete":
+            # Go's conn.Close(): the TCP connection ends, no close frame.
+            session.close_transport("drain_complete", "drain_status complete")
+        return FrameOutcome(status)
+
+    def _on_nak(self, session: ProviderSession, data: str, now: float) -> FrameOutcome:
+        nak = parse_nak(data)
+        pid, sid = session.provider_id, session.session_id
+        self.pool.record_nak(pid, sid, nak)
+        code = nak.error.code
+        logger.warning(
+            "nak provider_id=%s in_reply_to=%s code=%s message=%s",
+            pid,
+            nak.in_reply_to,
+            code,
+            nak.error.message,
+        )
+        if code not in HANDLED_NAK_CODES:
+            return FrameOutcome(nak)
+        if code == "unknown_message_type":
+            session.http_only = True
+            self.bus.publish_all(self.pool.mark_http_forwarding_only(pid, sid))
+        if code in ("tier2_aead_decrypt_failed", "tier2_encrypted_frame_required"):
+            self.relay.close_tier2_for_nak(session, nak.in_reply_to, code)
+            return FrameOutcome(nak, action="closed")
+        if nak.in_reply_to:
+            self.relay.on_nak_request(session, nak.in_reply_to, f"nak_{code}")
+        return FrameOutcome(nak)
+
+    def _on_diagnostic_status(
+        self, session: ProviderSession, data: str, now: float
+    ) -> FrameOutcome:
+        status = parse_diagnostic_status(data)
+        record = self.pool.get(session.provider_id)
+        if record is not None and record.session_id == session.session_id:
+            record.diagnostics.append(status)
+        return FrameOutcome(status)
+
+    def _on_idle_prewarm(self, session: ProviderSession, data: str, now: float) -> FrameOutcome:
+        event = parse_idle_prewarm_event(data)
+        record = self.pool.get(session.provider_id)
+        if record is not None and record.session_id == session.session_id:
+            record.idle_prewarm_events.append(event)
+        return FrameOutcome(event)
+
+    def _on_chunk(self, session: ProviderSession, data: str, now: float) -> FrameOutcome:
+        return self.relay.on_chunk(session, data)
+
+    def _on_end(self, session: ProviderSession, data: str, now: float) -> FrameOutcome:
+        return self.relay.on_end(session, data)
+
+    def _on_rekey_response(self, session: ProviderSession, data: str, now: float) -> FrameOutcome:
+        return self.relay.on_rekey_frame(session, "aead_rekey_response", data)
+
+    def _on_rekey_committed(self, session: ProviderSession, data: str, now: float) -> FrameOutcome:
+        return self.relay.on_rekey_frame(session, "aead_rekey_committed", data)
 
     def _end_session(self, session: ProviderSession, closed: ConnectionClosed | None) -> None:
         session.cancel_tasks()
@@ -415,19 +1065,24 @@ class WebSocketSide:
         self.relay.fail_flights(session, "provider_dropped", cause)
         self.bus.publish_all(events)
         if current and not self.stopping:
-            self._removals[session.provider_id] = asyncio.get_running_loop().call_later(
-                self.config.grace_s, self._remove, session.provider_id, session.session_id
-            )
+            if session.draining:
+                # A provider that was draining is removed at once, no grace.
+                self._remove(session.provider_id, session.session_id, "drained")
+            else:
+                self._removals[session.provider_id] = asyncio.get_running_loop().call_later(
+                    self.config.grace_s, self._remove, session.provider_id, session.session_id
+                )
         self.changes.notify()
 
-    def _remove(self, provider_id: str, session_id: int) -> None:
+    def _remove(self, provider_id: str, session_id: int, cause: str = "grace_expired") -> None:
         self._removals.pop(provider_id, None)
-        events = self.pool.remove(provider_id, session_id, "grace_expired", time.monotonic())
+        events = self.pool.remove(provider_id, session_id, cause, time.monotonic())
         if events:
             logger.info(
-                "provider removed provider_id=%s session_id=%d cause=grace_expired",
+                "provider removed provider_id=%s session_id=%d cause=%s",
                 provider_id,
                 session_id,
+                cause,
             )
         self.bus.publish_all(events)
         self.changes.notify()
@@ -444,11 +1099,11 @@ class WebSocketSide:
 
     def send_drain(self, provider_id: str) -> asyncio.Future[None]:
         logger.info("sending drain provider_id=%s", provider_id)
-        return self.session(provider_id).send(Drain())
+        return self.session(provider_id).send(messages.drain())
 
     def send_warm_up(self, provider_id: str) -> asyncio.Future[None]:
         logger.info("sending warm_up provider_id=%s", provider_id)
-        return self.session(provider_id).send(WarmUp())
+        return self.session(provider_id).send(messages.warm_up())
 
     def send_preflight(
         self, provider_id: str, estimated_tokens: int, request_id: str | None = None
@@ -460,9 +1115,7 @@ class WebSocketSide:
             request_id,
             estimated_tokens,
         )
-        written = self.session(provider_id).send(
-            Preflight(request_id=request_id, estimated_tokens=estimated_tokens)
-        )
+        written = self.session(provider_id).send(messages.preflight(request_id, estimated_tokens))
         return request_id, written
 
 
@@ -490,3 +1143,16 @@ def _close_cause(closed: ConnectionClosed | None) -> tuple[str, str]:
             return "protocol_error", detail
         return "stub_closed", detail
     return "connection_lost", str(closed)
+
+
+def _identity_signature_ok(
+    proof: AuthProof, transcript: str, public_key: bytes, signed: dict[str, Any]
+) -> bool:
+    """An identity signature over the JCS of ``signed`` with ``public_key``."""
+    if not proof.identity_signature or proof.identity_signature_transcript_sha256 != transcript:
+        return False
+    try:
+        signature = decode_std_base64(proof.identity_signature)
+    except ValueError:
+        return False
+    return ed25519_verify(public_key, jcs.canonical(signed), signature)

@@ -28,12 +28,20 @@ class FrameRecord:
         session_id: Which connection of that provider (increasing).
         direction: ``"in"`` (provider -> stub) or ``"out"`` (stub -> provider).
         type: The message ``type``; ``"<binary>"`` for a binary frame,
-            ``"<invalid>"`` for text that is not even a JSON object with a
-            ``type``.
-        message: The decoded msgspec Struct, a
-            :class:`provider.coordinator.messages.Invalid` for a frame that failed to
-            decode, or ``None`` for binary frames and raw sends.
+            ``"<invalid>"`` for text the coordinator cannot even read a
+            ``type`` from.
+        message: Inbound: the frame as the coordinator parsed it (a record
+            of :mod:`coordinator_stub.frames`, attributes named as on the
+            wire; an encrypted frame's opened content), or ``None`` when it
+            was refused. Outbound: the
+            :class:`~coordinator_stub.messages.Outgoing` (an encrypted
+            frame's view carries what is inside, e.g. ``body``), or ``None``
+            for raw sends.
         raw: The frame as it travelled.
+        error: Why the coordinator refused an inbound frame (its parser's
+            bad-field message), ``None`` if it accepted it.
+        action: What the coordinator did with a refused frame: ``dropped``
+            (logged only), ``closed`` (the session was closed) or ``fenced``.
     """
 
     time: float
@@ -43,6 +51,8 @@ class FrameRecord:
     type: str
     message: Any
     raw: str | bytes
+    error: str | None = None
+    action: str | None = None
 
 
 @dataclass(frozen=True)

@@ -23,20 +23,45 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from provider.coordinator.messages import (
-    DrainStatus,
-    Heartbeat,
-    Hello,
-    Nak,
-    PreflightAck,
-    ProviderState,
-    StateUpdate,
-)
+from .frames import DrainStatus, Heartbeat, Nak, PreflightAck, Registration, StateUpdate
 
 logger = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 RequestKind = Literal["buyer", "warmup"]
+ProviderState = str
+
+#: ``auth_state`` values that are never routed (FR-C9).
+UNROUTABLE_AUTH_STATES = frozenset({"self_minted", "bearerless_duplicate"})
+#: Catalog admission modes that are never routed.
+UNROUTABLE_CATALOG_MODES = frozenset({"legacy", "legacy_bridge", "update_bridge"})
+#: Model hash statuses (``verifyProviderModelIdentity``).
+HASH_VERIFIED = "verified"
+
+
+def hash_predicate_failure(status: str, require_verified: bool) -> bool:
+    """``IsHashPredicateFailure``: a mismatch or invalid hash always fails."""
+    if status in ("mismatch", "invalid"):
+        return True
+    return require_verified and status != HASH_VERIFIED
+
+
+@dataclass
+class ReceiptStats:
+    """Settlement receipts of one provider (kept across its sessions)."""
+
+    verified: int = 0
+    failed: int = 0
+    missing: int = 0
+    last_failure_reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "verified": self.verified,
+            "failed": self.failed,
+            "missing": self.missing,
+            "last_failure_reason": self.last_failure_reason,
+        }
 
 
 @dataclass(frozen=True)
@@ -72,7 +97,7 @@ class ProviderRecord:
 
     provider_id: str
     session_id: int
-    hello: Hello
+    registration: Registration
     registered_at: float
     last_liveness: float
     slots_total: int
@@ -95,16 +120,45 @@ class ProviderRecord:
     drain_status: list[DrainStatus] = field(default_factory=list)
     preflight_acks: dict[str, PreflightAck] = field(default_factory=dict)
     last_heartbeat_msg: Heartbeat | None = None
+    #: 1 (``hello``) or 2 (``auth_request``).
+    protocol: int = 1
+    #: The session UUID the coordinator assigned (``assigned_id``).
+    assigned_id: str = ""
+    #: ``bearer_validated``, ``self_minted``, ``bearerless_duplicate`` or ``""``.
+    auth_state: str = ""
+    #: Catalog admission: ``not_required``, ``legacy``, ``compatible``, ``update_bridge``.
+    catalog_mode: str = "not_required"
+    #: ``verified``, ``mismatch``, ``invalid``, ``uncatalogued``, ``catalog_unavailable``.
+    hash_status: str = "catalog_unavailable"
+    expected_model_hash: str = ""
+    model_hash: str = ""
+    model_hash_algorithm: str = ""
+    receipt_key: bytes | None = None
+    receipt_key_pending: bool = False
+    #: An ``unknown_message_type`` nak took the session off WebSocket routing.
+    http_forwarding_only: bool = False
+    #: The session has a tier-2 encrypted leg.
+    encrypted: bool = False
+    fenced: str | None = None
+    rekeys: int = 0
+    diagnostics: list[Any] = field(default_factory=list)
+    idle_prewarm_events: list[Any] = field(default_factory=list)
+
+    @property
+    def hello(self) -> Registration:
+        """The registration (``hello`` or initial ``auth_request``)."""
+        return self.registration
 
     @property
     def model_id(self) -> str:
-        return self.hello.model_id
+        return self.registration.model_id
 
     @property
     def models(self) -> tuple[str, ...]:
         """The model ids this provider serves (``model_id`` first)."""
-        extra = [m for m in (self.hello.supported_models or ()) if m != self.hello.model_id]
-        return (self.hello.model_id, *extra)
+        supported = self.registration.supported_models or ()
+        extra = [m for m in supported if m != self.registration.model_id]
+        return (self.registration.model_id, *extra)
 
     @property
     def buyer_in_flight(self) -> int:
@@ -137,6 +191,14 @@ class ProviderRecord:
             "invalid_frames": self.invalid_frames,
             "naks": len(self.naks),
             "drain_phase": self.drain_status[-1].phase if self.drain_status else None,
+            "protocol": self.protocol,
+            "assigned_id": self.assigned_id,
+            "auth_state": self.auth_state,
+            "catalog_mode": self.catalog_mode,
+            "hash_status": self.hash_status,
+            "encrypted_leg": self.encrypted,
+            "receipt_key_pending": self.receipt_key_pending,
+            "http_forwarding_only": self.http_forwarding_only,
         }
 
 
@@ -146,10 +208,24 @@ class Pool:
     Args:
         warmup_gate: Whether new registrations start un-warmed (``degraded``
             until :meth:`warmed_up`).
+        require_hash_verified: Route only providers whose model hash is
+            ``verified`` against the catalog.
+        require_encrypted_leg: Route only sessions with a tier-2 leg.
     """
 
-    def __init__(self, *, warmup_gate: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        warmup_gate: bool = True,
+        require_hash_verified: bool = False,
+        require_encrypted_leg: bool = False,
+    ) -> None:
         self.warmup_gate = warmup_gate
+        self.require_hash_verified = require_hash_verified
+        self.require_encrypted_leg = require_encrypted_leg
+        self.receipts: dict[str, ReceiptStats] = {}
+        #: Receipt keys committed by a post-auth state_update, by provider id.
+        self.committed_receipt_keys: dict[str, bytes] = {}
         self.providers: dict[str, ProviderRecord] = {}
         self.drops: list[DropRecord] = []
         self.removals: list[RemovalRecord] = []
@@ -163,9 +239,19 @@ class Pool:
     # Registration and liveness
 
     def register(
-        self, hello: Hello, session_id: int, now: float, *, assigned_token: str | None = None
+        self,
+        hello: Registration,
+        session_id: int,
+        now: float,
+        *,
+        assigned_token: str | None = None,
+        **admission: Any,
     ) -> tuple[ProviderRecord, int | None, list[Event]]:
         """Register ``hello`` as a fresh session.
+
+        ``admission`` sets the record's admission facts (``protocol``,
+        ``assigned_id``, ``auth_state``, ``catalog_mode``, ``hash_status``,
+        ``expected_model_hash``, ``receipt_key``, ``encrypted``...).
 
         Returns the record, the session id it replaces (a reconnect of the
         same provider_id, or ``None``) and the events. Re-registration resets
@@ -177,13 +263,16 @@ class Pool:
         record = ProviderRecord(
             provider_id=hello.provider_id,
             session_id=session_id,
-            hello=hello,
+            registration=hello,
             registered_at=now,
             last_liveness=now,
             slots_total=hello.max_concurrency,
             slots_free=hello.max_concurrency,
             warmed=not self.warmup_gate,
             assigned_token=assigned_token,
+            model_hash=hello.model_hash,
+            model_hash_algorithm=hello.model_hash_algorithm,
+            **admission,
         )
         if old is not None:
             record.requests_served = old.requests_served
@@ -216,6 +305,10 @@ class Pool:
         record.last_heartbeat_msg = hb
         record.slots_free = hb.slots_free
         record.slots_total = hb.slots_total
+        if hb.model_hash_present:
+            record.model_hash = hb.model_hash
+        if hb.model_hash_algorithm_present:
+            record.model_hash_algorithm = hb.model_hash_algorithm
         return gap, self._report(record, hb.status, "heartbeat")
 
     def state_update(
@@ -225,8 +318,15 @@ class Pool:
         record = self._live(provider_id, session_id)
         if record is None:
             return []
-        record.slots_free = update.metrics_snapshot.slots_free
-        record.slots_total = update.metrics_snapshot.slots_total
+        if record.receipt_key_pending and record.receipt_key is not None:
+            # The first post-auth state_update commits a new receipt key.
+            record.receipt_key_pending = False
+            self.committed_receipt_keys[provider_id] = record.receipt_key
+        snapshot = update.metrics_snapshot
+        if snapshot.slots_free is not None:
+            record.slots_free = snapshot.slots_free
+        if snapshot.slots_total is not None:
+            record.slots_total = snapshot.slots_total
         return self._report(record, update.state, update.reason or "state_update")
 
     def touch(self, provider_id: str, session_id: int, now: float) -> None:
@@ -292,9 +392,29 @@ class Pool:
     # Records of provider frames
 
     def record_invalid(self, provider_id: str, session_id: int) -> None:
+        """A frame the coordinator did not act on (undecodable, unknown or refused)."""
         record = self._live(provider_id, session_id)
         if record is not None:
             record.invalid_frames += 1
+
+    def mark_http_forwarding_only(self, provider_id: str, session_id: int) -> list[Event]:
+        record = self._live(provider_id, session_id)
+        if record is None or record.http_forwarding_only:
+            return []
+        record.http_forwarding_only = True
+        return [{"type": "routing_changed", "provider_id": provider_id, "reason": "http_only"}]
+
+    def record_receipt(self, provider_id: str, outcome: str, reason: str | None = None) -> None:
+        """Count a receipt: ``verified``, ``failed`` (with ``reason``) or ``missing``."""
+        stats = self.receipts.setdefault(provider_id, ReceiptStats())
+        if outcome == "verified":
+            stats.verified += 1
+        elif outcome == "missing":
+            stats.missing += 1
+            stats.last_failure_reason = reason or "missing_receipt"
+        else:
+            stats.failed += 1
+            stats.last_failure_reason = reason
 
     def record_nak(self, provider_id: str, session_id: int, nak: Nak) -> None:
         record = self._live(provider_id, session_id)
@@ -308,7 +428,7 @@ class Pool:
         if record is None:
             return []
         record.drain_status.append(status)
-        return [
+        events: list[Event] = [
             {
                 "type": "drain_status",
                 "provider_id": provider_id,
@@ -316,6 +436,18 @@ class Pool:
                 "inflight_requests": status.inflight_requests,
             }
         ]
+        if status.phase == "starting":
+            events.extend(self._report(record, "draining", "drain_status starting"))
+        return events
+
+    def receipt_key_pending(self, provider_id: str, key: bytes | None) -> bool:
+        """A registration's receipt key is pending unless it is the committed one."""
+        return key is not None and self.committed_receipt_keys.get(provider_id) != key
+
+    def record_rekey(self, provider_id: str, session_id: int) -> None:
+        record = self._live(provider_id, session_id)
+        if record is not None:
+            record.rekeys += 1
 
     def record_preflight_ack(self, provider_id: str, session_id: int, ack: PreflightAck) -> None:
         record = self._live(provider_id, session_id)
@@ -325,18 +457,48 @@ class Pool:
     # ------------------------------------------------------------------
     # Routing and request accounting
 
-    def pick(self, model: str | None = None) -> ProviderRecord | None:
-        """The least-loaded ready provider with a free slot, or ``None``.
+    def not_routable_reasons(self, record: ProviderRecord) -> list[str]:
+        """Why ``RoutingEligible`` excludes ``record`` (empty: routable).
 
-        Providers serving ``model`` are preferred; when none does, any ready
-        provider is used (buyers name models loosely, and the stub is not a
-        model router).
+        Reasons: ``disconnected``, ``auth_state:<state>``, ``catalog:<mode>``,
+        ``receipt_key_pending``, ``http_forwarding_only``,
+        ``hash:<status>``, ``encrypted_leg_required``, ``fenced``,
+        ``state:<state>``, ``no_free_slots``.
         """
-        candidates = [
-            r
-            for r in self.providers.values()
-            if r.connected and r.state == "ready" and r.capacity_left() > 0
-        ]
+        reasons = []
+        if not record.connected:
+            reasons.append("disconnected")
+        if record.auth_state in UNROUTABLE_AUTH_STATES:
+            reasons.append(f"auth_state:{record.auth_state}")
+        if record.catalog_mode in UNROUTABLE_CATALOG_MODES:
+            reasons.append(f"catalog:{record.catalog_mode}")
+        if record.receipt_key_pending:
+            reasons.append("receipt_key_pending")
+        if record.http_forwarding_only:
+            reasons.append("http_forwarding_only")
+        if hash_predicate_failure(record.hash_status, self.require_hash_verified):
+            reasons.append(f"hash:{record.hash_status}")
+        if self.require_encrypted_leg and not record.encrypted:
+            reasons.append("encrypted_leg_required")
+        if record.fenced is not None:
+            reasons.append("fenced")
+        if record.state != "ready":
+            reasons.append(f"state:{record.state}")
+        if record.slots_free <= 0 or record.capacity_left() <= 0:
+            reasons.append("no_free_slots")
+        return reasons
+
+    def routable(self, record: ProviderRecord) -> bool:
+        return not self.not_routable_reasons(record)
+
+    def pick(self, model: str | None = None) -> ProviderRecord | None:
+        """The least-loaded routable provider, or ``None``.
+
+        Providers serving ``model`` are preferred; when none does, any
+        routable provider is used (buyers name models loosely, and the stub
+        is not a model router).
+        """
+        candidates = [r for r in self.providers.values() if self.routable(r)]
         if model:
             matching = [r for r in candidates if model in r.models]
             candidates = matching or candidates
@@ -413,10 +575,19 @@ class Pool:
             "removals": len(self.removals),
         }
 
+    def provider_json(self, record: ProviderRecord, now: float) -> dict[str, Any]:
+        """One provider as ``/v1/status`` shows it, with ``routable`` and receipts."""
+        data = record.to_json(now)
+        reasons = self.not_routable_reasons(record)
+        data["routable"] = not reasons
+        data["not_routable_reasons"] = reasons
+        data["receipts"] = self.receipts.get(record.provider_id, ReceiptStats()).to_json()
+        return data
+
     def snapshot(self, now: float) -> dict[str, Any]:
         """Providers, drops, removals and counters, as JSON-ready data."""
         return {
-            "providers": [r.to_json(now) for r in self.providers.values()],
+            "providers": [self.provider_json(r, now) for r in self.providers.values()],
             "drops": [
                 {
                     "provider_id": d.provider_id,

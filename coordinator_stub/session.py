@@ -6,7 +6,9 @@
   duplication and stalls apply to every frame, in order, and every TEXT write
   arms the write deadline);
 * an inactivity watchdog (only well-formed TEXT frames count as liveness);
-* the warm-up task, while the provider is behind the warm-up gate.
+* the warm-up task, while the provider is behind the warm-up gate;
+* for a v2 session, the tier-2 key epoch (:class:`~coordinator_stub.tier2.Epoch`):
+  frames are sealed when queued, so the c2p sequence follows the write order.
 
 :class:`StubConnection` is the websockets connection with the real
 coordinator's quirks (the write deadline that fails a late PONG, stalls).
@@ -15,27 +17,22 @@ coordinator's quirks (the write deadline that fails a late PONG, stalls).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
-from provider.coordinator.messages import (
-    Hello,
-    Invalid,
-    decode_coordinator_frame,
-    encode_text,
-    message_type,
-)
-
 from .config import StubConfig
 from .faults import Faults
+from .frames import Registration, close_reason
+from .messages import Outgoing
 from .observe import FrameLog, FrameRecord
+from .tier2 import Epoch
 
 
 class SessionClosed(Exception):
@@ -102,7 +99,7 @@ class StubConnection(ServerConnection):
 
 @dataclass(eq=False)
 class _Outgoing:
-    message: msgspec.Struct | None
+    message: Outgoing | None
     raw: str | bytes
     type: str
     not_before: float
@@ -123,12 +120,14 @@ class ProviderSession:
         self,
         conn: StubConnection,
         session_id: int,
-        hello: Hello,
+        hello: Registration,
         now: float,
         *,
         config: StubConfig,
         faults: Faults,
         log: FrameLog,
+        assigned_id: str = "",
+        epoch: Epoch | None = None,
     ) -> None:
         self.config = config
         self.faults = faults
@@ -137,6 +136,15 @@ class ProviderSession:
         self.session_id = session_id
         self.hello = hello
         self.provider_id = hello.provider_id
+        self.assigned_id = assigned_id
+        #: The tier-2 key epoch of a v2 session (``None``: plaintext v1).
+        self.epoch = epoch
+        #: A rekey handshake in progress (the endpoint's, see ``Rekey``).
+        self.rekey: Any = None
+        #: No more requests over the WebSocket (an ``unknown_message_type`` nak).
+        self.http_only = False
+        #: ``drain_status`` phase ``starting`` seen: removed at once on disconnect.
+        self.draining = False
         self.started = now
         self.last_liveness = now
         self.last_text_write: float | None = None
@@ -171,24 +179,29 @@ class ProviderSession:
     # ------------------------------------------------------------------
     # Sending
 
-    def send(self, message: msgspec.Struct, *, bound: float | None = None) -> asyncio.Future[None]:
+    def send(self, message: Outgoing, *, bound: float | None = None) -> asyncio.Future[None]:
         """Queue ``message``; the future resolves once it is written.
 
         ``bound`` limits the write itself (not the configured delay or a
         stall): past it the session is dropped with cause ``probe_failed``.
         """
-        return self._enqueue(message, encode_text(message), message_type(message), bound)
+        return self._enqueue(message, message.wire, message.type, bound)
 
     def send_raw(self, data: str | bytes) -> asyncio.Future[None]:
         """Queue an arbitrary frame (TEXT for ``str``, BINARY for ``bytes``)."""
         if isinstance(data, bytes):
             return self._enqueue(None, data, "<binary>", None)
-        decoded = decode_coordinator_frame(data)
-        kind = decoded.type if isinstance(decoded, Invalid) else message_type(decoded)
-        return self._enqueue(None, data, kind or "<invalid>", None)
+        try:
+            decoded = json.loads(data)
+        except (ValueError, RecursionError):
+            decoded = None
+        kind = decoded.get("type") if isinstance(decoded, dict) else None
+        return self._enqueue(
+            None, data, kind if isinstance(kind, str) and kind else "<invalid>", None
+        )
 
     def _enqueue(
-        self, message: msgspec.Struct | None, raw: str | bytes, kind: str, bound: float | None
+        self, message: Outgoing | None, raw: str | bytes, kind: str, bound: float | None
     ) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieve)
@@ -290,6 +303,27 @@ class ProviderSession:
             self.drop_detail = detail
         self.closed = True
         self.conn.transport.abort()
+
+    def close_transport(self, cause: str, detail: str = "") -> None:
+        """Close the TCP connection without a close frame (Go's ``conn.Close()``).
+
+        Unlike :meth:`abort` (a reset), frames already written still reach
+        the provider, then it sees the connection end.
+        """
+        if self.drop_cause is None:
+            self.drop_cause = cause
+            self.drop_detail = detail
+        self.closed = True
+        self.conn.transport.close()
+
+    def close(self, code: int, reason: str, cause: str) -> None:
+        """Close with a close frame ``code``/``reason`` (the closing handshake runs in a task)."""
+        if self.drop_cause is None:
+            self.drop_cause = cause
+            self.drop_detail = f"code={code} reason={reason!r}"
+        self.closed = True
+        task = asyncio.get_running_loop().create_task(self.conn.close(code, close_reason(reason)))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def stall(self, stalled: bool) -> None:
         """Stop (or resume) reading from and writing to this provider."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -43,9 +44,21 @@ async def post_chat(
         return response.status, text, parsed
 
 
+def wire_view(frame: FrameRecord) -> Any:
+    """What the provider sent: the stub's parse, or the raw JSON when the stub's
+    Go rules refused the frame (a control character in a request id, say)."""
+    if frame.message is not None:
+        return frame.message
+    return json.loads(frame.raw, object_hook=lambda d: SimpleNamespace(**d))
+
+
 def check_nak(case: FrameCase, frame: FrameRecord) -> None:
-    """``frame`` is the nak ``case`` must get: right type, code and mention."""
-    nak = frame.message
+    """``frame`` is the nak ``case`` must get: right type, code and mention.
+
+    Read from the wire when the stub's Go rules refused the nak (a control
+    character in ``in_reply_to`` is refused there, and only logged).
+    """
+    nak = wire_view(frame)
     where = f"{case.label}: {nak!r}"[:600]
     assert frame.type == "nak", where
     assert nak.in_reply_to == case.in_reply_to, where
@@ -57,7 +70,7 @@ def check_nak(case: FrameCase, frame: FrameRecord) -> None:
 
 def check_end(case: FrameCase, frame: FrameRecord) -> None:
     """``frame`` is an end frame whose status and error fit ``case``."""
-    end = frame.message
+    end = wire_view(frame)
     where = f"{case.label}: {end!r}"[:600]
     assert any(fnmatch.fnmatch(end.status, s) for s in case.statuses), where
     if end.status != "complete":

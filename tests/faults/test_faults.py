@@ -22,7 +22,14 @@ import aiohttp
 import pytest
 
 from coordinator_stub.app import CoordinatorStub
-from tests.session.conftest import PID, Running, provider_config, running, stub_config
+from tests.session.conftest import (
+    PID,
+    Running,
+    drain_phase,
+    provider_config,
+    running,
+    stub_config,
+)
 from tests.session.scripted_engine import ScriptedEngine
 
 from .proxy import BlackholeProxy
@@ -278,7 +285,7 @@ async def test_drain_during_warm_up_exits_0(
         await stub.wait_frame(PID, "state_update", where=lambda f: f.message.reason == "warming_up")
         await stub.drain(PID)
         assert await asyncio.wait_for(run.task, 10) == 0
-        phases = [f.message.phase for f in stub.frames_received(PID, "drain_status")]
+        phases = [drain_phase(f) for f in stub.frames_received(PID, "drain_status")]
         assert phases[-1] == "complete"
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 

@@ -12,12 +12,24 @@ import pytest
 
 from coordinator_stub.app import CoordinatorStub
 from coordinator_stub.config import StubConfig
+from coordinator_stub.observe import FrameRecord
 from provider.agent import Agent
 from provider.config import Config
 
 from .scripted_engine import ScriptedEngine
 
 PID = "prov-test"
+
+
+def drain_phase(frame: FrameRecord) -> str:
+    """The phase a ``drain_status`` carried, read from the wire.
+
+    The stub parses with the real coordinator's rules, which drop the
+    provider's ``drain_status`` today (``estimated_drain_seconds`` goes out
+    as a float, Go's field is an int: see
+    ``test_drain_status_passes_the_coordinator_rules``).
+    """
+    return str(msgspec.json.decode(frame.raw)["phase"])
 
 
 def stub_config(**overrides: Any) -> StubConfig:

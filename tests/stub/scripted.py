@@ -20,7 +20,6 @@ from websockets.exceptions import ConnectionClosed
 
 from provider.coordinator.messages import (
     CancelRequest,
-    Heartbeat,
     Hello,
     HelloAck,
     InferenceRequest,
@@ -176,26 +175,34 @@ class ScriptedProvider:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def send(self, message: msgspec.Struct) -> None:
+    async def send(self, message: msgspec.Struct | dict[str, Any]) -> None:
+        """Send a message: a provider Struct, or a dict encoded as is."""
         assert self.ws is not None
-        await self.ws.send(encode_text(message))
+        if isinstance(message, dict):
+            await self.ws.send(msgspec.json.encode(message).decode())
+        else:
+            await self.ws.send(encode_text(message))
 
-    def heartbeat(self) -> Heartbeat:
+    def heartbeat(self, **overrides: Any) -> dict[str, Any]:
+        """A heartbeat as the real coordinator accepts it (no ``null`` optionals:
+        Go drops a heartbeat whose ``loading`` is ``null``)."""
         h = self.hello
-        return Heartbeat(
-            status=self.status,  # type: ignore[arg-type]
-            model_id=h.model_id,
-            model_params_b=h.model_params_b,
-            ram_gb=h.ram_gb,
-            max_context_tokens=h.max_context_tokens,
-            max_concurrency=h.max_concurrency,
-            slots_free=h.max_concurrency,
-            slots_total=h.max_concurrency,
-            throughput_tps_estimate=h.throughput_tps_estimate,
-            requests_served_since_last=0,
-            avg_latency_ms_since_last=0.0,
-            throughput_tps_since_last=0.0,
-        )
+        return {
+            "type": "heartbeat",
+            "status": self.status,
+            "model_id": h.model_id,
+            "model_params_b": h.model_params_b,
+            "ram_gb": h.ram_gb,
+            "max_context_tokens": h.max_context_tokens,
+            "max_concurrency": h.max_concurrency,
+            "slots_free": h.max_concurrency,
+            "slots_total": h.max_concurrency,
+            "throughput_tps_estimate": h.throughput_tps_estimate,
+            "requests_served_since_last": 0,
+            "avg_latency_ms_since_last": 0.0,
+            "throughput_tps_since_last": 0.0,
+            **overrides,
+        }
 
     def state_update(self, state: str, reason: str = "test") -> StateUpdate:
         slots = self.hello.max_concurrency

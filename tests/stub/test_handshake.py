@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import msgspec
 import pytest
@@ -14,7 +15,6 @@ from coordinator_stub import CoordinatorStub
 from coordinator_stub.frames import close_reason
 from provider.coordinator.messages import (
     MAX_FRAME_BYTES,
-    DrainStatus,
     HelloAck,
     InferenceRequest,
     Nak,
@@ -48,7 +48,8 @@ async def test_hello_ack_then_warmup_gate(stub: CoordinatorStub, make_provider: 
     provider = await make_provider(stub, answer_warmup=False)
     ack = provider.hello_ack
     assert isinstance(ack, HelloAck)
-    assert (ack.coordinator_version, ack.assigned_id) == (1, "p1")
+    # Go assigns a session UUID, not the provider id.
+    assert ack.coordinator_version == 1 and uuid.UUID(ack.assigned_id)
     assert (ack.heartbeat_interval_s, ack.tier) == (30, "standard")
     assert ack.assigned_provider_token is None
 
@@ -182,18 +183,21 @@ async def test_malformed_hello_closes_4001_with_reason(stub: CoordinatorStub):
     await ws.send('{"type": "hello", "version": 1, "tier": 1, "provider_id": "p1"}')  # type: ignore[attr-defined]
     closed = await _closed(ws)
     assert closed.rcvd is not None and closed.rcvd.code == 4001
-    assert "missing required field" in closed.rcvd.reason
+    # Go's reason: invalid_hello and the first bad field, in its parse order.
+    assert closed.rcvd.reason == "invalid_hello: missing hostname"
     assert len(closed.rcvd.reason.encode()) <= 123
 
 
-async def test_hello_without_version_closes_4001(stub: CoordinatorStub):
+async def test_hello_without_version_closes_4000(stub: CoordinatorStub):
+    # Go dispatches the first message on (type, version): without a version
+    # it is no hello at all, "unrecognized auth message" (4000).
     raw = msgspec.json.decode(encode(make_hello()))
     del raw["version"]
     ws = await _raw(stub)
     await ws.send(msgspec.json.encode(raw).decode())  # type: ignore[attr-defined]
     closed = await _closed(ws)
-    assert closed.rcvd is not None and closed.rcvd.code == 4001
-    assert "version" in closed.rcvd.reason
+    assert closed.rcvd is not None and closed.rcvd.code == 4000
+    assert closed.rcvd.reason == "unrecognized auth message"
 
 
 async def test_hello_field_limit_closes_4001(stub: CoordinatorStub):
@@ -218,7 +222,8 @@ def test_close_reason_fits_a_close_frame():
         ('{"type": "heartbeat"}', 4000),
         ("not json", 4000),
         (b"\x00binary", 4000),
-        (encode_text(make_hello(version=2)), 4004),
+        # Go routes only hello+1 and auth_request+2; hello version 2 is 4000.
+        (encode_text(make_hello(version=2)), 4000),
     ],
 )
 async def test_first_frame_rules(stub: CoordinatorStub, first: str | bytes, code: int):
@@ -229,11 +234,13 @@ async def test_first_frame_rules(stub: CoordinatorStub, first: str | bytes, code
     assert stub.rejections[-1].code == code
 
 
-async def test_hello_timeout_closes_4000(make_stub: StubFactory):
+async def test_hello_timeout_closes_4001(make_stub: StubFactory):
+    # The handshake read deadline is a read error in Go: 4001 "invalid_hello: read".
     stub = await make_stub(hello_timeout_s=0.2)
     ws = await _raw(stub)
     closed = await _closed(ws)
-    assert closed.rcvd is not None and closed.rcvd.code == 4000
+    assert closed.rcvd is not None and closed.rcvd.code == 4001
+    assert closed.rcvd.reason == "invalid_hello: read"
 
 
 async def test_other_paths_get_404(stub: CoordinatorStub):
@@ -282,7 +289,11 @@ async def test_drain_preflight_nak_and_invalid_frames(
     provider = ready_provider
     await stub.drain("p1")
     await provider.wait_message("drain")
-    await provider.send(DrainStatus(phase="starting", inflight_requests=0))
+    # Go's DrainStatus has int fields: the provider Struct's 0.0 would be dropped.
+    await provider.send(
+        {"type": "drain_status", "phase": "starting", "inflight_requests": 0,
+         "estimated_drain_seconds": 0}
+    )  # fmt: skip
     await stub.wait_frame("p1", "drain_status")
     assert stub.provider("p1").drain_status[0].phase == "starting"  # type: ignore[union-attr]
 

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from coordinator_stub import StubConfig
+from coordinator_stub.frames import Registration, parse_heartbeat, parse_hello
 from coordinator_stub.pool import Pool
+from provider.coordinator.messages import encode_text
 
-from .scripted import ScriptedProvider, make_hello
+from .scripted import ScriptedProvider
+from .scripted import make_hello as _provider_hello
+
+
+def make_hello(provider_id: str = "p1", **overrides: object) -> Registration:
+    """The registration the stub's own parser makes of the scripted hello."""
+    return parse_hello(encode_text(_provider_hello(provider_id, **overrides)))
 
 
 def _heartbeat(status: str = "ready", slots_free: int = 4):
-    hb = ScriptedProvider("ws://unused").heartbeat()
-    return type(hb)(**{**{f: getattr(hb, f) for f in hb.__struct_fields__}, "status": status,
-                       "slots_free": slots_free})  # fmt: skip
+    hb = ScriptedProvider("ws://unused").heartbeat(status=status, slots_free=slots_free)
+    return parse_heartbeat(msgspec.json.encode(hb))
 
 
 def test_gate_then_reported_states():
