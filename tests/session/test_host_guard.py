@@ -61,7 +61,7 @@ async def test_heartbeats_carry_valid_telemetry_of_this_machine(stub: Coordinato
             where=lambda f: (
                 f.message.safety_telemetry is not None
                 and f.message.hardware_summary is not None
-                and f.message.safety_telemetry.model_loaded
+                and f.message.safety_telemetry["model_loaded"]
             ),
         )
         beats = [json.loads(f.raw) for f in stub.frames_received(PID, "heartbeat")]
@@ -109,7 +109,7 @@ async def test_critical_memory_pressure_pauses_and_recovers_without_failing_a_jo
         holding = run.agent.status()["host"]["holding_back"]
         assert holding == [{"reason": "memory_pressure_critical", "slot_limit": 0}]
         diagnostic = await stub.wait_frame(
-            PID, "diagnostic_status", where=lambda f: "memory_pressure_critical" in f.message.reason
+            PID, "diagnostic_status", where=lambda f: "memory_pressure_critical" in f.message.optional.get("reason", "")
         )
         assert check_diagnostic_status(diagnostic.raw) == []
         assert json.loads(diagnostic.raw)["memory_pressure"] == "critical"
