@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -257,3 +258,31 @@ async def test_a_wait_for_memory_past_the_limit_is_refused_queue_full(
     assert "KV memory" in str(refused.value)
     cancel.set()
     await long
+
+
+@pytest.mark.slow
+async def test_a_real_second_turn_reuses_the_first_turn_and_its_answer(smollm2_dir: Path) -> None:
+    """SmolLM2: the answer's tokens come back through the chat template as they were
+    generated, so the second turn reuses the first prompt *and* the answer; and the
+    greedy text is the same with the cache or without."""
+    texts: dict[str, list[str]] = {}
+    for name, cache_bytes in (("cached", None), ("plain", 0)):
+        engine = MlxEngine(
+            smollm2_dir, prompt_cache_bytes=cache_bytes, prompt_lookup="off", record_token_ids=True
+        )
+        await engine.load()
+        try:
+            turns = [("user", "What is the capital of France? One short sentence.")]
+            first = await collect(engine, request(turns, max_tokens=10), request_id="t1")
+            turns += [("assistant", text_of(first)), ("user", "And of Italy?")]
+            second = await collect(engine, request(turns, max_tokens=10), request_id="t2")
+            texts[name] = [text_of(first), text_of(second)]
+            if name == "cached":
+                answered = first[-1].prompt_tokens + len(engine.last_stats["t1"].token_ids)
+                assert second[-1].cached_tokens >= answered
+            else:
+                assert second[-1].cached_tokens == 0
+        finally:
+            await engine.close()
+    assert texts["cached"] == texts["plain"]
+    assert "Paris" in texts["cached"][0] and "Rome" in texts["cached"][1]
