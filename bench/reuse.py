@@ -74,6 +74,8 @@ from bench.relay import (
 )
 
 ANSWER_TOKENS = 32
+#: How often a 503 "no free slot" is retried (0.2 s apart) before it counts as a failure.
+BUSY_RETRIES = 10
 SECOND_QUESTION = "Thank you. Could you say that again in fewer words?"
 SECTIONS = ("second_turn", "system_prompt", "speculative", "concurrent", "decode")
 
@@ -93,6 +95,8 @@ class Endpoint:
         self.name = name
         self.url = url
         self.extra = extra or {}
+        #: Requests answered 503 (no free slot yet) and asked again.
+        self.busy_retries = 0
 
     async def chat(
         self, http: Any, messages: list[dict[str, str]], max_tokens: int
@@ -109,22 +113,31 @@ class Endpoint:
             "stream_options": {"include_usage": True},
             **self.extra,
         }
-        start = time.perf_counter()
-        first = last = None
-        parts: list[str] = []
-        usage: dict[str, Any] = {}
-        async with http.post(self.url, json=body) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"{self.name}: HTTP {resp.status}: {await resp.text()}")
-            async for chunk in sse_chunks(resp):
-                usage = chunk.get("usage") or usage
-                for choice in chunk.get("choices", []):
-                    delta = choice.get("delta", {})
-                    if first is None and (delta.get("role") or delta.get("content")):
-                        first = time.perf_counter()
-                    if delta.get("content"):
-                        last = time.perf_counter()
-                        parts.append(delta["content"])
+        for attempt in range(BUSY_RETRIES + 1):
+            start = time.perf_counter()
+            first = last = None
+            parts: list[str] = []
+            usage: dict[str, Any] = {}
+            async with http.post(self.url, json=body) as resp:
+                if resp.status == 503 and attempt < BUSY_RETRIES:
+                    # The stub may still count the previous request against the
+                    # slot for a moment after its [DONE]: ask again.
+                    self.busy_retries += 1
+                    await resp.read()
+                    await asyncio.sleep(0.2)
+                    continue
+                if resp.status != 200:
+                    raise RuntimeError(f"{self.name}: HTTP {resp.status}: {await resp.text()}")
+                async for chunk in sse_chunks(resp):
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices", []):
+                        delta = choice.get("delta", {})
+                        if first is None and (delta.get("role") or delta.get("content")):
+                            first = time.perf_counter()
+                        if delta.get("content"):
+                            last = time.perf_counter()
+                            parts.append(delta["content"])
+            break
         first = first or last or time.perf_counter()
         last = last or first
         tokens = int(usage.get("completion_tokens") or len(parts))
@@ -250,7 +263,13 @@ async def bench_second_turn(model: Path, args: argparse.Namespace) -> dict[str, 
             )
             log(f"second_turn round {i + 1}: {row}")
             rounds.append(row)
-    return {"rounds": len(rounds), "median": median_of(rounds), "per_round": rounds}
+        retries = {"provider": prov.busy_retries, "server": server.busy_retries}
+    return {
+        "rounds": len(rounds),
+        "median": median_of(rounds),
+        "per_round": rounds,
+        "busy_retries": retries,
+    }
 
 
 async def bench_system_prompt(model: Path, args: argparse.Namespace) -> dict[str, Any]:
