@@ -264,16 +264,23 @@ def lookup_generate_step(
                     **kv,
                 )
                 last = None
+                # Acceptance does not change while decoding plainly: if it says
+                # drafting never pays, stop looking for drafts at all.
+                best = costs.best_draft(stats.acceptance)
+                watch = best > 0
                 try:
                     for token, logprobs in steps:
                         token = int(token)
                         made += 1
-                        index.append(token)
                         last = token
+                        if watch:
+                            index.append(token)
                         yield token, logprobs, False
                         if made >= max_tokens:
                             return
-                        k = min(costs.best_draft(stats.acceptance), max_tokens - made - 1)
+                        if not watch:
+                            continue
+                        k = min(best, max_tokens - made - 1)
                         if k > 0 and index.draft(k):
                             break
                     else:
