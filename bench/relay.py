@@ -18,6 +18,18 @@ greedily with EOS suppressed. Sections, each one function returning a dict:
   drifts; these are the figures to compare against the targets).
 - ``server_paired``: raw and ``mlx_lm server`` the same way: the reference
   the targets quote, as a ratio within a round.
+- ``protocol_paired``: what protocol v2's encrypted leg costs. Two
+  ``mlx-provider serve`` processes on the same model, one ``--protocol v1``
+  and one ``--protocol v2``, each registered with a scripted coordinator in
+  this process (``tests/v2/scripted_coordinator.py``: the coordinator's side
+  written from the spec, sealing requests and opening every chunk); each
+  round sends one streamed request to each, alternating which goes first,
+  timed where the coordinator receives the chunks; ``decode_ratio_v2_v1`` is
+  taken within a round, then the median.
+
+``--protocol`` picks the dialect of the providers the ``end_to_end`` and
+``paired`` sections start (default v1: the bundled stub speaks v1 until its v2
+side lands).
 
 ``bench/relay_ab.py`` compares two provider configurations the same way.
 
@@ -557,6 +569,122 @@ async def bench_paired(model: Path, prompts: Prompts, args: argparse.Namespace) 
     return {"rounds": len(rounds), "median": median, "per_round": rounds}
 
 
+async def start_provider_process(
+    ws_url: str,
+    model: Path,
+    *,
+    protocol: str,
+    max_concurrency: int,
+    env: dict[str, str],
+    log_path: Path,
+    provider_id: str = "relay-bench",
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "provider", "serve", "--coordinator", ws_url,
+        "--model", str(model), "--provider-id", provider_id,
+        "--token", "relay_bench_provider_token",
+        "--status-port", "0", "--max-concurrency", str(max_concurrency),
+        "--protocol", protocol,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=log_path.open("wb"), env=env,
+    )  # fmt: skip
+
+
+async def coordinator_stream(conn: Any, model: Path, prompts: Prompts) -> dict[str, float]:
+    """One streamed request sent by the scripted coordinator, timed as its chunks
+    arrive (opened, on v2), the way :func:`stream_chat` times the buyer's stream."""
+    request_id = f"bench-{uuid.uuid4().hex[:12]}"
+    start = time.perf_counter()
+    await conn.send_request(request_id, chat_body(model, prompts), stream=True)
+    first = last = None
+    async with asyncio.timeout(600):
+        while True:
+            frame = await conn.next(
+                "inference_response_chunk", "inference_response_end", timeout=600
+            )
+            if frame["request_id"] != request_id:
+                continue
+            now = time.perf_counter()
+            if frame["type"] == "inference_response_end":
+                tokens = frame["usage"]["completion_tokens"]
+                break
+            for event in frame["data"].split("\n\n"):
+                if not event.startswith("data: {"):
+                    continue
+                for choice in json.loads(event[6:]).get("choices", []):
+                    delta = choice.get("delta", {})
+                    if first is None and (delta.get("role") or delta.get("content")):
+                        first = now  # as stream_chat: the first delta event
+                    if delta.get("content"):
+                        last = now
+    return timing(start, first, last, tokens)
+
+
+async def bench_protocol_paired(
+    model: Path, prompts: Prompts, args: argparse.Namespace
+) -> dict[str, Any]:
+    """v1 and v2 providers side by side, one request each per round (see the module doc)."""
+    from tests.v2.scripted_coordinator import ScriptedCoordinator
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MLX_ENGINE_IGNORE_EOS="1",
+               MLX_PROVIDER_CATALOG_FEED_URL="off")  # fmt: skip
+    workdir = Path(tempfile.mkdtemp(prefix="relay-protocol-"))
+    log(f"protocol_paired: v1 and v2 providers (logs in {workdir})")
+    procs: list[asyncio.subprocess.Process] = []
+    async with (
+        ScriptedCoordinator(tokens={"relay-bench"}) as c1,
+        ScriptedCoordinator(tokens={"relay-bench"}) as c2,
+    ):
+        try:
+            conns = {}
+            for protocol, coordinator in (("v1", c1), ("v2", c2)):
+                procs.append(
+                    await start_provider_process(
+                        coordinator.ws_url,
+                        model,
+                        protocol=protocol,
+                        max_concurrency=1,
+                        env=env,
+                        log_path=workdir / f"provider-{protocol}.log",
+                        provider_id=f"relay-bench-{protocol}",
+                    )
+                )
+                conns[protocol] = await coordinator.wait_conn(1, timeout=300)
+            for conn in conns.values():  # wait for the model, then one untimed run each
+                while True:
+                    beat = await conn.next("heartbeat", timeout=300)
+                    if beat["status"] == "ready":
+                        break
+                await coordinator_stream(conn, model, prompts)
+            rounds = []
+            for i in range(args.repeats):
+                order = ["v1", "v2"] if i % 2 == 0 else ["v2", "v1"]
+                result = {p: await coordinator_stream(conns[p], model, prompts) for p in order}
+                rounds.append(
+                    {
+                        "first": order[0],
+                        "v1_decode_tps": result["v1"]["decode_tps"],
+                        "v2_decode_tps": result["v2"]["decode_tps"],
+                        "v1_ttft_ms": result["v1"]["ttft_ms"],
+                        "v2_ttft_ms": result["v2"]["ttft_ms"],
+                        "decode_ratio_v2_v1": result["v2"]["decode_tps"]
+                        / result["v1"]["decode_tps"],
+                        "ttft_delta_ms_v2_v1": result["v2"]["ttft_ms"] - result["v1"]["ttft_ms"],
+                    }
+                )
+            violations = [v for c in conns.values() for v in c.violations]
+        finally:
+            for proc in procs:
+                await stop(proc)
+    median = {
+        k: round(statistics.median(x[k] for x in rounds), 4)
+        for k in rounds[0]
+        if isinstance(rounds[0][k], float | int)
+    }
+    return {"rounds": len(rounds), "median": median, "per_round": rounds,
+            "violations": violations}  # fmt: skip
+
+
 @contextlib.asynccontextmanager
 async def serving(
     model: Path, *, max_concurrency: int, env: dict[str, str] | None = None
@@ -586,12 +714,9 @@ async def serving(
             if ready:
                 ws_url, http_url = ready.groups()
                 break
-        provider = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "provider", "serve", "--coordinator", ws_url,
-            "--model", str(model), "--provider-id", "relay-bench", "--token", "relay-bench",
-            "--status-port", "0", "--max-concurrency", str(max_concurrency),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=(workdir / "provider.log").open("wb"), env=env,
+        provider = await start_provider_process(
+            ws_url, model, protocol=PROTOCOL[0], max_concurrency=max_concurrency, env=env,
+            log_path=workdir / "provider.log",
         )  # fmt: skip
 
         async def provider_ready() -> None:
@@ -618,7 +743,11 @@ async def serving(
         await stop(stub)
 
 
-SECTIONS = ("raw", "engine", "mlx_lm_server", "end_to_end", "paired", "server_paired")
+SECTIONS = (
+    "raw", "engine", "mlx_lm_server", "end_to_end", "paired", "server_paired", "protocol_paired",
+)  # fmt: skip
+#: The protocol of the providers ``serving`` starts (``--protocol``).
+PROTOCOL = ["v1"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -630,7 +759,14 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(SECTIONS),
         help=f"comma-separated subset of {','.join(SECTIONS)}",
     )
+    parser.add_argument(
+        "--protocol",
+        choices=["v1", "v2"],
+        default="v1",
+        help="protocol of the providers in end_to_end and paired (the stub's must match)",
+    )
     args = parser.parse_args(argv)
+    PROTOCOL[0] = args.protocol
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(wanted) - set(SECTIONS)
     if unknown:
@@ -649,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": str(mx.default_device()),
             "mlx": mx.__version__,
             "mlx_lm": mlx_lm.__version__,
+            "protocol": args.protocol,
         }
         runners: dict[str, Callable[[], Any]] = {
             "raw": lambda: bench_raw(model, prompts, args),
@@ -657,6 +794,7 @@ def main(argv: list[str] | None = None) -> int:
             "end_to_end": lambda: asyncio.run(bench_end_to_end(model, prompts, args)),
             "paired": lambda: asyncio.run(bench_paired(model, prompts, args)),
             "server_paired": lambda: asyncio.run(bench_server_paired(model, prompts, args)),
+            "protocol_paired": lambda: asyncio.run(bench_protocol_paired(model, prompts, args)),
         }
         for name in wanted:
             if name in ("end_to_end", "paired") and (why := end_to_end_available()):

@@ -66,7 +66,7 @@ from coordinator_stub.observe import RejectRecord  # noqa: E402
 from coordinator_stub.pool import DropRecord, ProviderRecord  # noqa: E402
 
 PROVIDER_ID = "soak-provider"
-TOKEN = "soak-token"
+TOKEN = "soak_provider_token_local"
 
 #: A request without a terminal answer this long after it was sent is lost.
 REQUEST_BOUND_S = 120.0
@@ -184,7 +184,7 @@ async def start_provider(
             sys.executable, "-m", "provider", "serve", "--coordinator", ws_url,
             "--model", model, "--provider-id", PROVIDER_ID, "--token", TOKEN,
             "--max-concurrency", str(max_concurrency), "--status-port", "0",
-            "--log-level", "info",
+            "--log-level", "info", "--protocol", "v1",
             cwd=ROOT, env=provider_env(workdir), stdin=asyncio.subprocess.DEVNULL,
             stdout=log, stderr=log,
         )  # fmt: skip

@@ -152,8 +152,8 @@ class CoordinatorStub:
 
     @property
     def ws_url(self) -> str:
-        """``ws://HOST:PORT/ws/provider``."""
-        return f"ws://{_url_host(self.config.host)}:{self.ws.port}{WS_PATH}"
+        """``ws://HOST:PORT/ws/provider`` (``wss://`` with TLS)."""
+        return f"{self.ws.scheme}://{_url_host(self.config.host)}:{self.ws.port}{WS_PATH}"
 
     @property
     def http_url(self) -> str:

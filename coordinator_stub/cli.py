@@ -94,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d["http_port"],
         help="buyer API port; 0 picks a free port",
     )
-
+    g.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="certificate chain: the provider endpoint then speaks TLS only (wss://)",
+    )
+    g.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     g = parser.add_argument_group("profile")
     g.add_argument(
         "--profile",

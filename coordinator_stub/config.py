@@ -69,6 +69,9 @@ class StubConfig:
         ws_port: Provider WebSocket port (path ``/ws/provider``); 0 picks a
             free port.
         http_port: Buyer API port; 0 picks a free port.
+        tls_cert, tls_key: PEM files (certificate chain, private key). With
+            both, the provider endpoint speaks TLS only (``wss://``); the
+            buyer API stays plain HTTP. ``None`` (default): plain ``ws://``.
 
     Profile:
         profile: ``"dev"`` or ``"production"``; supplies every gate below
@@ -186,6 +189,8 @@ class StubConfig:
     host: str = "127.0.0.1"
     ws_port: int = 0
     http_port: int = 0
+    tls_cert: str | None = None
+    tls_key: str | None = None
     # Profile
     profile: Profile = "dev"
     # Authentication
@@ -274,6 +279,8 @@ class StubConfig:
             raise ValueError("rekey_after_requests and rekey_after_seconds must be > 0")
         if not 1 <= self.heartbeat_interval_s <= 3600:
             raise ValueError("heartbeat_interval_s must be within 1..3600 (an int on the wire)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
         for name in ("ws_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name} must be within 0..65535")

@@ -25,6 +25,7 @@ import logging
 import math
 import secrets
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -147,11 +148,27 @@ class WebSocketSide:
         self._removals: dict[str, asyncio.TimerHandle] = {}
         self._relisten: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._ssl: ssl.SSLContext | None = None
 
     # ------------------------------------------------------------------
     # Listener
 
+    @property
+    def scheme(self) -> str:
+        """``wss`` when the endpoint listens with TLS, else ``ws``."""
+        return "wss" if self.config.tls_cert else "ws"
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if self.config.tls_cert is None or self.config.tls_key is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return context
+
     async def start(self) -> None:
+        # Loaded once: a bad certificate or key fails the start, not a handshake.
+        self._ssl = self._tls_context()
         sock = self._listen_socket(self.config.ws_port)
         self.port = sock.getsockname()[1]
         await self._serve(sock)
@@ -187,6 +204,7 @@ class WebSocketSide:
             open_timeout=self.config.hello_timeout_s,
             close_timeout=self.config.close_timeout_s,
             create_connection=StubConnection,
+            ssl=self._ssl,
         )
         self._servers.append(self._server)
 

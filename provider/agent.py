@@ -6,16 +6,27 @@ reconnects forever with the policy of :mod:`provider.coordinator.reconnect`. The
 machine, metrics window and counters live here, across connections; jobs
 live in the session they arrived on.
 
-:meth:`Agent.run` returns the process exit code: 0 after a drain (from the
-coordinator or a signal) or a final refusal (4004/4009: restarting would only
-be refused again, so launchd must not restart us).
+:meth:`Agent.run` returns the process exit code: 0 after a drain asked by a
+signal, or a final refusal (4004/4009: restarting would only be refused
+again, so launchd must not restart us; the refusal is kept in
+``last-refusal.json`` for ``status`` and ``doctor``). A drain asked by the
+coordinator is not an exit: the agent drains, waits
+:data:`COORDINATOR_DRAIN_RECONNECT_S` and connects again.
+
+Before connecting it knows what registration needs: the model's identity
+hash (:mod:`provider.host.model_identity`, cached on disk) and, unless
+``catalog_feed_url = "off"``, the catalog admission fields from the
+coordinator's signed feed (:mod:`provider.coordinator.catalog`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import socket
+import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
@@ -23,11 +34,23 @@ from pathlib import Path
 from typing import Any
 
 import tenacity
+from msgspec import UNSET
 
 from provider import __version__, telemetry
-from provider.config import Config, persist_keys
+from provider.config import Config, model_id_from, persist_keys
+from provider.coordinator.admission import MAX_CONCURRENCY_CEILING
+from provider.coordinator.catalog import (
+    PRODUCTION_PUBLIC_KEYS,
+    CatalogAdmission,
+    CatalogError,
+    default_feed_url,
+    fetch_admission,
+)
 from provider.coordinator.jobs import Job, Outcome
+from provider.coordinator.keys import KeyStore, b64
 from provider.coordinator.messages import (
+    AuthRequestInitial,
+    AuthResponse,
     DiagnosticStatus,
     HardwareSummary,
     Heartbeat,
@@ -35,7 +58,9 @@ from provider.coordinator.messages import (
     HelloAck,
     MetricsSnapshot,
     StateUpdate,
+    Tier2Capabilities,
 )
+from provider.coordinator.receipts import public_key_bytes
 from provider.coordinator.reconnect import (
     BackoffPolicy,
     ConnectionLost,
@@ -50,18 +75,20 @@ from provider.coordinator.window import MetricsWindow
 from provider.engine import Engine
 from provider.host import guard, hardware
 from provider.host.hardware import HardwareFacts
+from provider.host.model_identity import ModelIdentity, ModelIdentityError, model_identity
 from provider.host.monitor import HostMonitor, Reader
 from provider.host.restarts import STATE_FILE, record_start
 from provider.host.sensors import HostReader, HostSample
-from provider.logs import add_secret
+from provider.logs import MIN_SECRET_LENGTH, add_secret
 
 log = logging.getLogger("mlx_provider.agent")
 
-
-def model_id_from(model: str) -> str:
-    """A local directory's name, or the repo id as given."""
-    path = Path(model).expanduser()
-    return path.name if path.exists() else model
+#: After a drain the coordinator asked for: wait this long, then connect again.
+COORDINATOR_DRAIN_RECONNECT_S = 10.0
+#: The catalog feed is fetched again before a connection when older than this.
+CATALOG_TTL_S = 600.0
+#: Where a final refusal (4004, 4009) is kept for ``status`` and ``doctor``.
+REFUSAL_FILE = "last-refusal.json"
 
 
 class Agent:
@@ -88,10 +115,26 @@ class Agent:
         self.config_path = config_path
         self.engine = engine
         self.token = config.provider_token
-        self.binary_version = __version__
+        self.binary_version = config.advertised_binary_version or __version__
         self.stable_after_s = config.stable_after_s
         self.request_timeout_s = config.request_timeout_s
-        self.model_id = model_id_from(config.model)
+        self.model_id = config.model_id or model_id_from(config.model)
+        self.keys = KeyStore()
+        self.identity: ModelIdentity | None = None
+        self.identity_error: str | None = None
+        self.catalog: CatalogAdmission | None = None
+        self.catalog_error: str | None = None
+        self._catalog_at = -CATALOG_TTL_S
+        #: The last accepted registration's verdict (v2 auth_response / v1 hello_ack).
+        self.admission: dict[str, Any] = {}
+        if config.max_concurrency > MAX_CONCURRENCY_CEILING:
+            log.warning(
+                "max_concurrency %d is above the coordinator's ceiling of %d; it will "
+                "route at most %d requests at once",
+                config.max_concurrency,
+                MAX_CONCURRENCY_CEILING,
+                MAX_CONCURRENCY_CEILING,
+            )
         self.hooks = hooks
         self.service_instance_id = uuid.uuid4().hex
         self.hostname = socket.gethostname().encode()[:253].decode(errors="ignore")
@@ -146,16 +189,89 @@ class Agent:
         load = asyncio.create_task(self._load_model(), name="load_model")
         host = asyncio.create_task(self.host.run(), name="host_monitor")
         try:
+            await self._compute_identity()
             return await self._connect_forever()
         except FatalRefusal as exc:
-            log.critical("%s; not retrying. Contact the marketplace, then restart.", exc)
+            log.critical("%s; not retrying, fix it and restart", exc)
             self.exit_reason = str(exc)
+            self._record_refusal(exc)
             return 0
         finally:
             load.cancel()
             host.cancel()
             await asyncio.gather(load, host, return_exceptions=True)
             await self.engine.close()
+
+    @property
+    def model_hash(self) -> str | None:
+        """The served model's identity hash, once known."""
+        return self.identity.hash if self.identity else None
+
+    async def _compute_identity(self) -> None:
+        """Hash the model as published (once; cached on disk) for registration."""
+        log.info("computing the model identity (the first time reads every file)")
+        try:
+            self.identity = await asyncio.to_thread(
+                model_identity, self.config.model or "", cache_dir=self.keys.directory
+            )
+        except (ModelIdentityError, OSError) as exc:
+            self.identity_error = str(exc)
+            log.warning("no model identity: %s", exc)
+            return
+        log.info(
+            "model identity %s", self.identity.hash, extra={"algorithm": self.identity.algorithm}
+        )
+
+    async def _refresh_catalog(self) -> None:
+        """Fetch the catalog admission fields when stale; keep the last ones on failure."""
+        feed = self.config.catalog_feed_url
+        if feed == "off" or (self.config.protocol == "v1" and feed is None):
+            return
+        if time.monotonic() - self._catalog_at < CATALOG_TTL_S:
+            return
+        assert self.config.coordinator_url is not None
+        url = feed or default_feed_url(self.config.coordinator_url)
+        keys = self.config.catalog_public_keys or PRODUCTION_PUBLIC_KEYS
+        try:
+            self.catalog = await fetch_admission(url, self.model_id, keys)
+        except CatalogError as exc:
+            self.catalog_error = str(exc)
+            log.warning("no catalog admission: %s", exc)
+            return
+        self._catalog_at = time.monotonic()
+        self.catalog_error = None
+        row = self.catalog
+        if row.model_sha256 and self.model_hash and row.model_sha256 != self.model_hash:
+            log.warning(
+                "this model's hash %s differs from the catalog row %s (%s): the coordinator "
+                "will accept the connection but never route to it",
+                self.model_hash,
+                row.row_key,
+                row.model_sha256,
+            )
+        log.info(
+            "catalog admission: release %s, row %s",
+            row.release_id,
+            row.row_key,
+            extra={"signer": row.signer_key_id},
+        )
+
+    def _record_refusal(self, exc: FatalRefusal) -> None:
+        """Keep a final refusal where ``status`` and ``doctor`` find it after we exit."""
+        record = {
+            "close_code": exc.close_code,
+            "reason": exc.reason,
+            "fix": exc.fix,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "binary_version": self.binary_version,
+        }
+        try:
+            _write_json(self.keys.directory / REFUSAL_FILE, record)
+        except OSError as exc2:
+            log.warning("could not record the refusal: %s", exc2)
+
+    def _clear_refusal(self) -> None:
+        (self.keys.directory / REFUSAL_FILE).unlink(missing_ok=True)
 
     async def _load_model(self) -> None:
         try:
@@ -189,19 +305,30 @@ class Agent:
                     with attempt:
                         if self.drain_requested.is_set():
                             return 0
-                        await self._serve_once()
-                        return 0
+                        if not await self._serve_once():
+                            return 0
+                # The coordinator drained us: reconnect after a pause (a signal cuts it).
+                self._publish(self.state.end_drain())
+                log.info("reconnecting in %.0f s after the drain", COORDINATOR_DRAIN_RECONNECT_S)
+                await self._backoff_sleep(COORDINATOR_DRAIN_RECONNECT_S)
+                if self.drain_requested.is_set():
+                    return 0
             except ConnectionLost:
                 # A stable session was lost: reconnect at once with a fresh backoff.
                 if self.drain_requested.is_set():
                     return 0
 
-    async def _serve_once(self) -> None:
+    async def _serve_once(self) -> bool:
+        """One connection; True when it ended with a drain the coordinator asked for."""
+        await self._refresh_catalog()
         session = Session(self)
         self.session = session
         try:
             await session.run()
+            if session.drained_by == "coordinator" and not self.drain_requested.is_set():
+                return True
             self.exit_reason = "drained"
+            return False
         except ConnectionLost as exc:
             telemetry.reconnects.labels(cause=exc.cause).inc()
             self.reconnects.append({"cause": exc.cause, "detail": exc.detail, "at": time.time()})
@@ -220,7 +347,7 @@ class Agent:
         self._wake.clear()
         waits = [asyncio.ensure_future(e.wait()) for e in (self.drain_requested, self._wake)]
         try:
-            await asyncio.wait(waits, timeout=seconds)
+            await asyncio.wait(waits, timeout=seconds, return_when="FIRST_COMPLETED")
         finally:
             for w in waits:
                 w.cancel()
@@ -237,6 +364,10 @@ class Agent:
         self.drain_requested.set()
         self._publish(self.state.start_drain())
 
+    def coordinator_drain(self) -> None:
+        """The coordinator asked the session to drain; we reconnect afterwards."""
+        self._publish(self.state.start_drain())
+
     def wake_detected(self, gap_s: float) -> None:
         """The machine slept: reconnect now rather than wait for the watchdog."""
         log.warning("wake from sleep detected (%.0f s gap); reconnecting", gap_s)
@@ -246,17 +377,31 @@ class Agent:
 
     # Session callbacks -----------------------------------------------------
 
-    def session_registered(self, session: Session, ack: HelloAck) -> None:
+    def session_registered(self, session: Session, ack: HelloAck | AuthResponse) -> None:
         self.assigned_id = ack.assigned_id
         self.connected_since = time.time()
-        self.window.interval_s = float(ack.heartbeat_interval_s)
+        interval = ack.heartbeat_interval_s or 30
+        self.window.interval_s = float(interval)
+        self.admission = {
+            "protocol": self.config.protocol,
+            "auth_state": ack.auth_state or None,
+            "tier": ack.tier or None,
+            "required_binary_version": ack.required_binary_version or None,
+        }
+        if isinstance(ack, AuthResponse):
+            self.admission["catalog_compatible"] = ack.catalog_compatible
+            self.admission["encrypted_leg"] = True
         log.info(
             "registered",
             extra={
                 "assigned_id": ack.assigned_id,
-                "heartbeat_interval_s": ack.heartbeat_interval_s,
+                "heartbeat_interval_s": interval,
+                "protocol": self.config.protocol,
+                "auth_state": ack.auth_state,
             },
         )
+        self._clear_refusal()
+        # v2: this state_update is what commits the receipt key.
         self._publish(self.state.registered(), force=True)
         self._post_diagnostic()
 
@@ -266,6 +411,15 @@ class Agent:
 
     def adopt_token(self, token: str) -> None:
         if token == self.token:
+            return
+        if len(token) < MIN_SECRET_LENGTH:
+            # Too short to redact from the logs; not adopted, never logged.
+            log.warning(
+                "ignoring the provider token assigned by the coordinator: %d characters, "
+                "fewer than %d",
+                len(token),
+                MIN_SECRET_LENGTH,
+            )
             return
         add_secret(token)  # before anything could log it
         if self.config_path is not None:
@@ -466,6 +620,20 @@ class Agent:
             "throughput_tps_estimate": info.throughput_tps_estimate if info else 0.0,
         }
 
+    def _admission_fields(self) -> dict[str, Any]:
+        """Model identity, catalog and compatibility set: only what is known."""
+        fields: dict[str, Any] = {}
+        if self.identity is not None:
+            fields["model_hash"] = self.identity.hash
+            fields["model_hash_algorithm"] = self.identity.algorithm
+        if self.catalog is not None:
+            fields.update(self.catalog.fields())
+        if self.config.compatibility_set_id:
+            fields["compatibility_set_id"] = self.config.compatibility_set_id
+        if self.config.referral_code:
+            fields["referral_code"] = self.config.referral_code
+        return fields
+
     def hello_message(self) -> Hello:
         info = self.engine.info
         assert self.config.provider_id is not None
@@ -474,10 +642,35 @@ class Agent:
             hostname=self.hostname,
             binary_version=self.binary_version,
             attestation=None,
-            model_hash=info.model_hash if info else None,
             model_load_time_ms=info.model_load_time_ms if info else None,
             supported_models=[self.model_id],
             **self._model_fields(),
+            **self._admission_fields(),
+        )
+
+    def auth_initial(self, ecdh_public_key: str, *, bootstrap: bool) -> AuthRequestInitial:
+        """The v2 ``auth_request`` (initial) for this connection's X25519 key."""
+        info = self.engine.info
+        assert self.config.provider_id is not None
+        admission: dict[str, Any] = {}
+        if self.config.admission_identity:
+            current, _ = self.keys.admission_keys()
+            admission["provider_admission_public_key"] = b64(public_key_bytes(current))
+        fields = self._model_fields()
+        # The coordinator's auth_request wants a positive concurrency, like hello.
+        return AuthRequestInitial(
+            provider_id=self.config.provider_id,
+            hostname=self.hostname,
+            binary_version=self.binary_version,
+            provider_ecdh_public_key=ecdh_public_key,
+            tier2_capabilities=Tier2Capabilities(),
+            provider_receipt_public_key=b64(self.keys.receipt_public()),
+            supported_models=[self.model_id],
+            model_load_time_ms=info.model_load_time_ms if info else UNSET,
+            credential_bootstrap=True if bootstrap else UNSET,
+            **admission,
+            **fields,
+            **self._admission_fields(),
         )
 
     def heartbeat_message(self) -> Heartbeat:
@@ -489,6 +682,8 @@ class Agent:
             loading=self.engine.loading,
             hardware_summary=self.hardware,
             service_instance_id=self.service_instance_id,
+            model_hash=self.identity.hash if self.identity else UNSET,
+            model_hash_algorithm=self.identity.algorithm if self.identity else UNSET,
             **self._model_fields(),
             **_window_fields(self.window),
         )
@@ -549,6 +744,34 @@ class Agent:
             "reconnects": len(self.reconnects),
             "last_disconnect": self.reconnects[-1] if self.reconnects else None,
             "uptime_s": round(time.time() - self.started_at, 3),
+            "admission": self.admission_status(),
+        }
+
+    def admission_status(self) -> dict[str, Any]:
+        """What a coordinator's admission and routing gates see of this provider."""
+        catalog = self.catalog
+        hash_matches = None
+        if catalog is not None and catalog.model_sha256 and self.model_hash:
+            hash_matches = catalog.model_sha256 == self.model_hash
+        return {
+            "protocol": self.config.protocol,
+            "binary_version": self.binary_version,
+            "model_id": self.model_id,
+            "compatibility_set_id": self.config.compatibility_set_id,
+            "token": "set" if self.token else "none (bootstrap or self-mint)",
+            "registration": self.admission or None,
+            "model_hash": self.model_hash,
+            "model_hash_error": self.identity_error,
+            "catalog": {
+                "release_id": catalog.release_id,
+                "row": catalog.row_key,
+                "model_sha256": catalog.model_sha256,
+                "hash_matches": hash_matches,
+            }
+            if catalog
+            else None,
+            "catalog_error": self.catalog_error,
+            "routable_model_hash": hash_matches is not False,
         }
 
     def is_healthy(self) -> bool:
@@ -585,3 +808,16 @@ def _memory_fields(engine: Engine) -> dict[str, Any]:
             "token_hit_rate": round(memory.token_hit_rate, 4),
         },
     }
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Write ``value`` to ``path`` atomically, mode 0600."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

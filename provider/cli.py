@@ -1,8 +1,9 @@
 """``mlx-provider``: the command line.
 
 ``serve`` runs the agent; the flags ``--config``, ``--coordinator``,
-``--token``, ``--provider-id``, ``--model`` and ``--max-concurrency`` are a
-contract other tools rely on, and with them no config file is needed. Other
+``--token``, ``--referral-code``, ``--compatibility-set-id``, ``--protocol``,
+``--provider-id``, ``--model`` and ``--max-concurrency`` are a contract other
+tools rely on, and with them no config file is needed. Other
 subcommands (service management, status, doctor, demo, make-test-model) are
 registered by their own modules.
 """
@@ -42,6 +43,17 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--config", metavar="PATH", help="TOML config file")
     p.add_argument("--coordinator", metavar="URL", help="coordinator WebSocket URL")
     p.add_argument("--token", metavar="T", help="provider token (prefer the config file)")
+    p.add_argument(
+        "--referral-code", metavar="C", help="referral code for a first start without a token"
+    )
+    p.add_argument(
+        "--compatibility-set-id", metavar="ID", help="OWNER/NAME:vX.Y.Z@<commit> to register with"
+    )
+    p.add_argument(
+        "--protocol",
+        choices=["v1", "v2"],
+        help="v2 (default): auth_request and the encrypted leg; v1: hello, for older coordinators",
+    )
     p.add_argument("--provider-id", metavar="ID")
     p.add_argument("--model", metavar="DIR_OR_REPO", help="model directory or Hugging Face repo")
     p.add_argument("--max-concurrency", type=int, metavar="N")
@@ -75,6 +87,9 @@ def serve_config(args: argparse.Namespace) -> tuple[Config, Any]:
     overrides = {
         "coordinator_url": args.coordinator,
         "provider_token": args.token,
+        "referral_code": args.referral_code,
+        "compatibility_set_id": args.compatibility_set_id,
+        "protocol": args.protocol,
         "provider_id": args.provider_id,
         "model": args.model,
         "max_concurrency": args.max_concurrency,

@@ -32,6 +32,10 @@ from msgspec import Meta
 
 ENV_PREFIX = "MLX_PROVIDER_"
 DEFAULT_CONFIG_PATH = Path("~/.config/mlx-provider/config.toml")
+#: Shortest ``provider_token`` accepted. The coordinator issues 64 hex
+#: characters; the logs redact the token wherever it appears, which needs at
+#: least ``provider.logs.MIN_SECRET_LENGTH`` characters to leave words alone.
+MIN_TOKEN_LENGTH = 16
 
 
 class ConfigError(Exception):
@@ -79,6 +83,18 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ``host_recover_s`` (how long a condition must stay away before the
     provider offers its slots again), ``host_sample_interval_s`` (how often
     the machine is read).
+
+    Admission (protocol v2 and a production coordinator's gates):
+    ``protocol`` (``"v2"``: ``auth_request`` and the encrypted leg; ``"v1"``:
+    ``hello``, for older coordinators), ``referral_code`` (credential
+    bootstrap without a token), ``compatibility_set_id``,
+    ``advertised_binary_version`` (``None``: the package version),
+    ``model_id`` (``None``: the model directory's name or the repo id),
+    ``catalog_feed_url`` (``None``: ``https://<coordinator host>/v1/
+    autotune-candidates``; ``"off"``: send no catalog fields),
+    ``catalog_public_keys`` (key id -> standard-base64 Ed25519 public key;
+    ``None``: the production keys), ``admission_identity`` (keep and present
+    a durable admission identity key).
     """
 
     coordinator_url: str | None = None
@@ -94,7 +110,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     prefill_step_size: Annotated[int, Meta(ge=1)] = 512
     chunk_interval_ms: Annotated[float, Meta(ge=0, le=1000)] = 20.0
     drain_timeout_s: Annotated[float, Meta(ge=0)] = 300.0
-    request_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
+    # Not below the coordinator's routing.request_timeout_s (900 s).
+    request_timeout_s: Annotated[float, Meta(gt=0)] = 900.0
 
     memory_budget_bytes: Annotated[int, Meta(ge=0)] | None = None
     prompt_cache_bytes: Annotated[int, Meta(ge=0)] | None = None
@@ -123,6 +140,15 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pause_on_battery: bool = True
     host_recover_s: Annotated[float, Meta(ge=0)] = 60.0
     host_sample_interval_s: Annotated[float, Meta(gt=0, le=60)] = 5.0
+
+    protocol: Literal["v1", "v2"] = "v2"
+    referral_code: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    compatibility_set_id: str | None = None
+    advertised_binary_version: Annotated[str, Meta(min_length=1, max_length=32)] | None = None
+    model_id: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    catalog_feed_url: str | None = None
+    catalog_public_keys: dict[str, str] | None = None
+    admission_identity: bool = False
 
 
 _FIXES = {
@@ -207,18 +233,64 @@ def load_config(
     return config, path
 
 
+#: The coordinator's provider_id rule (config.ValidateProviderID).
+PROVIDER_ID_PATTERN = re.compile(r"[a-zA-Z0-9_.-]{1,64}")
+#: A compatibility set id: OWNER/NAME:vX.Y.Z@<40 hex>, at most 256 bytes.
+COMPATIBILITY_SET_PATTERN = re.compile(
+    r"[A-Za-z0-9_.-]{1,64}/[A-Za-z0-9_.-]{1,100}:v[0-9]+\.[0-9]+\.[0-9]+@[0-9a-f]{40}"
+)
+
+
 def check_config(config: Config) -> None:
-    """Checks that need more than a type: URL scheme and host, loopback status."""
+    """Checks that need more than a type: URL scheme and host, loopback status,
+    and the coordinator's own syntax rules for ids it would refuse."""
     if config.coordinator_url is not None:
         check_coordinator_url(config.coordinator_url)
     if config.kv_bits is not None and config.kv_bits not in (2, 3, 4, 6, 8):
         raise ConfigError(f"kv_bits: {config.kv_bits} is not supported; use 2, 3, 4, 6 or 8")
     if config.kv_group_size not in (32, 64, 128):
         raise ConfigError(f"kv_group_size: {config.kv_group_size}; use 32, 64 or 128")
+    if config.provider_token:
+        check_provider_token(config.provider_token)
+    if config.provider_id is not None and not PROVIDER_ID_PATTERN.fullmatch(config.provider_id):
+        raise ConfigError(
+            f"provider_id: {config.provider_id!r} is refused by the coordinator; use 1 to 64 "
+            "letters, digits, '_', '.' or '-' (or remove it to have one generated)"
+        )
+    set_id = config.compatibility_set_id
+    if set_id is not None and (
+        len(set_id.encode()) > 256 or not COMPATIBILITY_SET_PATTERN.fullmatch(set_id)
+    ):
+        raise ConfigError(
+            f"compatibility_set_id: {set_id!r} is not OWNER/NAME:vX.Y.Z@<40 hex digits>; "
+            "copy it exactly as the marketplace publishes it"
+        )
+    feed = config.catalog_feed_url
+    if feed is not None and feed != "off":
+        parts = urllib.parse.urlsplit(feed)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f'catalog_feed_url: {feed!r} is not an http(s) URL (or "off")')
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            raise ConfigError("catalog_feed_url: plain http:// only to loopback; use https://")
     if not is_loopback(config.status_host):
         raise ConfigError(
             f"status_host: {config.status_host!r} is not a loopback address; "
             "the status endpoint binds 127.0.0.1 or ::1 only"
+        )
+
+
+def check_provider_token(token: str) -> None:
+    """Refuse a token that cannot be a real one; the message never shows it."""
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"provider_token: {len(token)} characters is too short to be a real token (at "
+            f"least {MIN_TOKEN_LENGTH}; the coordinator issues 64), and the logs could not "
+            "redact it without mangling ordinary words; set the token the marketplace gave you"
+        )
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise ConfigError(
+            "provider_token: contains whitespace or control characters, which cannot travel "
+            "in an HTTP header; copy the token again without them"
         )
 
 
@@ -291,10 +363,20 @@ def persist_keys(path: Path, values: Mapping[str, str]) -> None:
         raise
 
 
+def model_id_from(model: str) -> str:
+    """The model id to register: a local directory's name, or the repo id as given."""
+    path = Path(model).expanduser()
+    return path.name if path.exists() else model
+
+
 def ensure_provider_id(config: Config, path: Path) -> Config:
-    """Return ``config`` with a provider_id, generating and persisting one once."""
+    """Return ``config`` with a provider_id, generating and persisting one once.
+
+    A generated id is ``mp-`` and 32 hex digits: the form a credential
+    bootstrap (a first start without a token) needs.
+    """
     if config.provider_id:
         return config
-    provider_id = f"prov-{uuid.uuid4().hex[:16]}"
+    provider_id = f"mp-{uuid.uuid4().hex}"
     persist_keys(path, {"provider_id": provider_id})
     return msgspec.structs.replace(config, provider_id=provider_id)

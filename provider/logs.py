@@ -8,7 +8,11 @@ see :func:`get_logger`. Context travels in ``extra=``::
 
 Every handler it installs redacts the configured secrets (the provider token)
 and ``Bearer <credential>`` from the message, its arguments, the ``extra``
-fields and exception text, so a token can only reach a log as ``***``.
+fields and exception text, so a token can only reach a log as ``***``: in
+every spelling a line can hold it (see :func:`secret_forms`: plain, inside a
+``repr()`` or ``ascii()``, JSON-escaped). A secret shorter than
+:data:`MIN_SECRET_LENGTH` is refused: it would be found inside ordinary
+words and mangle every line.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging.handlers
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,10 +31,12 @@ from typing import Any, TextIO
 __all__ = [
     "LOGGER_NAME",
     "LOG_FILE_NAME",
+    "MIN_SECRET_LENGTH",
     "JsonFormatter",
     "RedactingFilter",
     "default_log_dir",
     "get_logger",
+    "secret_forms",
     "setup_logging",
 ]
 
@@ -39,6 +45,10 @@ LOGGER_NAME = "mlx_provider"
 LOG_FILE_NAME = "provider.log"
 
 REDACTED = "***"
+#: Shortest secret :class:`RedactingFilter` accepts. Redaction replaces every
+#: occurrence, so a token like ``"ok"`` would turn ``"broken"`` into
+#: ``"br***en"`` in every line; the coordinator issues 64 hex characters.
+MIN_SECRET_LENGTH = 16
 
 # Attributes every LogRecord has; anything else on a record came from extra=.
 _RECORD_ATTRS = frozenset(
@@ -74,10 +84,56 @@ _redactors: list[RedactingFilter] = []
 
 
 def add_secret(secret: str) -> None:
-    """Redact ``secret`` from now on too (a token the coordinator assigned)."""
+    """Redact ``secret`` from now on too (a token the coordinator assigned).
+
+    Raises :exc:`ValueError` for a secret shorter than :data:`MIN_SECRET_LENGTH`.
+    """
     for redactor in _redactors:
-        if secret and secret not in redactor.secrets:
-            redactor.secrets = sorted({*redactor.secrets, secret}, key=len, reverse=True)
+        redactor.add(secret)
+
+
+def _escape_chars(text: str, escape: Callable[[str], str], quote: str) -> str:
+    """``text`` as it appears inside ``escape(whole)`` quoted with ``quote``.
+
+    ``repr`` and ``ascii`` escape each character on its own; only the quote
+    character depends on the whole string (Python picks ``"`` when the
+    string holds a ``'`` and no ``"``), hence one form per quote.
+    """
+    out = []
+    for char in text:
+        body = escape(char)[1:-1]
+        out.append("\\" + char if char == quote else body)
+    return "".join(out)
+
+
+def _bytes_repr_body(data: bytes, quote: str) -> str:
+    out = []
+    for byte in data:
+        char = chr(byte)
+        out.append("\\" + char if char == quote else repr(bytes([byte]))[2:-1])
+    return "".join(out)
+
+
+def secret_forms(secret: str) -> set[str]:
+    """Every spelling of ``secret`` that a log line can hold.
+
+    Plain; inside ``repr()`` and ``ascii()`` of a longer string, for either
+    quote character; JSON-escaped (``ensure_ascii`` on and off, which is also
+    what msgspec writes); the ``repr()`` of that JSON (a raw frame logged
+    with ``%r``); and the ``repr()`` of its UTF-8 bytes.
+    """
+    forms = {secret}
+    json_forms = {_json.dumps(secret)[1:-1], _json.dumps(secret, ensure_ascii=False)[1:-1]}
+    forms |= json_forms
+    for quote in "'\"":
+        for text in (secret, *json_forms):
+            forms.add(_escape_chars(text, repr, quote))
+            forms.add(_escape_chars(text, ascii, quote))
+        try:
+            forms.add(_bytes_repr_body(secret.encode(), quote))
+        except UnicodeEncodeError:  # a lone surrogate has no UTF-8 form
+            pass
+    return forms
 
 
 class RedactingFilter(logging.Filter):
@@ -86,16 +142,40 @@ class RedactingFilter(logging.Filter):
     It rewrites the record in place (message with its arguments merged,
     ``extra`` fields, exception and stack text), so every handler after it
     sees the redacted record. It never drops a record.
+
+    Each secret is replaced in every form :func:`secret_forms` lists, again
+    and again until none is left (a replacement can join the text around it
+    into a new occurrence). Empty secrets are ignored; one shorter than
+    :data:`MIN_SECRET_LENGTH` raises :exc:`ValueError`.
     """
 
     def __init__(self, secrets: Sequence[str] = ()) -> None:
         super().__init__()
-        # Longest first, so a secret containing another is replaced whole.
-        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self.secrets: list[str] = []
+        self._pattern: re.Pattern[str] | None = None
+        for secret in secrets:
+            self.add(secret)
+
+    def add(self, secret: str) -> None:
+        """Redact ``secret`` too (nothing for an empty or a known one)."""
+        if not secret or secret in self.secrets:
+            return
+        if len(secret) < MIN_SECRET_LENGTH:
+            raise ValueError(
+                f"a secret of {len(secret)} characters cannot be redacted from logs without "
+                f"mangling them; at least {MIN_SECRET_LENGTH} are needed"
+            )
+        self.secrets.append(secret)
+        forms = {form for s in self.secrets for form in secret_forms(s)}
+        # Longest first, so a form containing another is replaced whole.
+        ordered = sorted(forms, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, ordered)))
 
     def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, REDACTED)
+        if self._pattern is not None:
+            # Every pass shortens the text (a form is longer than ***): it ends.
+            while (redacted := self._pattern.sub(REDACTED, text)) != text:
+                text = redacted
         return _BEARER.sub(rf"\1 {REDACTED}", text)
 
     def _redact_value(self, value: Any) -> Any:

@@ -5,9 +5,12 @@ liveness, so the heartbeat is a text frame on a wall-clock tick of
 ``max(1, min(heartbeat_interval_s, 5))`` seconds. It runs in its own task and
 never waits on inference: a long prefill cannot delay it.
 
-The watchdog is the backstop for a half-open socket the bounded send did not
-catch: no completed write and no inbound frame for ``max(3 x tick, 15)`` s
-aborts the connection.
+The watchdog is a backstop: no completed write and no inbound frame for
+``max(3 x tick, 15)`` s aborts the connection. A write that blocks is ended
+sooner by the bounded send (5 s), and on an idle dead path the heartbeats
+still complete into the kernel's buffer, so there it is ``TCP_USER_TIMEOUT``
+(:mod:`.sockopts`) that ends the connection (docs/reliability.md has the
+table of which mechanism ends which case).
 """
 
 from __future__ import annotations
@@ -64,17 +67,19 @@ async def heartbeat_loop(
 
 async def watchdog_loop(
     silence: Callable[[], float],
-    abort: Callable[[], None],
+    abort: Callable[[str], None],
     *,
     timeout: float,
     check_every: float = 1.0,
 ) -> None:
-    """Raise ConnectionLost("watchdog") once ``silence()`` exceeds ``timeout``."""
+    """Raise ConnectionLost("watchdog") once ``silence()`` exceeds ``timeout``.
+
+    ``abort(detail)`` is called first, to drop the connection.
+    """
     while True:
         await asyncio.sleep(min(check_every, timeout / 4))
         quiet = silence()
         if quiet > timeout:
-            abort()
-            raise ConnectionLost(
-                "watchdog", f"no completed send or inbound frame for {quiet:.1f} s"
-            )
+            detail = f"no completed send or inbound frame for {quiet:.1f} s"
+            abort(detail)
+            raise ConnectionLost("watchdog", detail)

@@ -15,6 +15,10 @@ and the request deadline all set :attr:`Job.cancel`, a
 and prefill chunk; the engine then ends the stream with ``cancelled`` and the
 partial usage. :class:`JobTable` makes sure there is exactly one
 ``inference_response_end`` per request id, whatever path ends it.
+
+What the buyer was sent is recorded as it is sent, in :attr:`Job.delivered`
+(content, finish reason, tool calls): a settlement receipt binds exactly that,
+never what the engine produced but did not deliver.
 """
 
 from __future__ import annotations
@@ -28,11 +32,25 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from provider.coordinator.messages import EndStatus, InferenceResponseChunk, InferenceResponseEnd
+from msgspec import UNSET
+
+from provider.coordinator.messages import (
+    EndStatus,
+    EndUsage,
+    InferenceResponseChunk,
+    InferenceResponseEnd,
+)
+from provider.coordinator.receipts import (
+    LATE_RECEIPT_SETTLEMENT,
+    Delivered,
+    Settlement,
+    ToolCall,
+)
 from provider.engine import Engine, EngineError, TokenBatch
-from provider.openai.completions import CompletionFormatter, completion_usage, make_usage
+from provider.openai.completions import CompletionFormatter, Output, completion_usage, make_usage
 from provider.openai.request import ChatCompletionRequest
 from provider.openai.response import Usage
+from provider.openai.structured import json_schema_of, judge_output
 
 log = logging.getLogger("mlx_provider.jobs")
 
@@ -58,6 +76,8 @@ class Job:
     token_limit: int = 0
     #: The coordinator's conversation hint, passed to the engine's prefix cache.
     conversation_key: str | None = None
+    #: The request deadline (``request_timeout_s``), once it is armed.
+    timeout_s: float | None = None
     chunks_sent: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -66,6 +86,19 @@ class Job:
     first_token_at: float | None = None
     finished_at: float | None = None
     task: asyncio.Task[None] | None = None
+    #: What the buyer has been sent so far (the receipt's output): answer
+    #: text (not reasoning), then the tool calls and the finish reason.
+    delivered: Delivered = field(default_factory=Delivered)
+    #: The request's settlement metadata: its end frame then carries a receipt.
+    settlement: Settlement | None = None
+
+    def deliver(self, out: Output, *, content: bool = True) -> None:
+        """Record output as sent to the buyer (``content`` False: its text was not)."""
+        if content:
+            self.delivered.add(out.text)
+        if out.tool_calls:
+            calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in out.tool_calls]
+            self.delivered.tool_calls = [*(self.delivered.tool_calls or []), *calls]
 
     def request_cancel(self, reason: str) -> None:
         if self.cancel_reason is None:
@@ -85,15 +118,38 @@ class Outcome:
     retryable: bool = False
 
 
-def end_frame(job: Job, outcome: Outcome) -> InferenceResponseEnd:
+def end_frame(
+    job: Job,
+    outcome: Outcome,
+    *,
+    model_hash: str | None = None,
+    terminal_ts_ms: int | None = None,
+    receipt: str | None = None,
+) -> InferenceResponseEnd:
+    """The end frame; with settlement metadata it carries the receipt fields
+    (``receipt`` only when one could be signed)."""
+    usage = job.usage()
+    settlement = job.settlement
     return InferenceResponseEnd(
         request_id=job.request_id,
         status=outcome.status,
         chunks_sent=job.chunks_sent,
-        usage=job.usage(),
+        usage=EndUsage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            macprovider_model_hash_observed=model_hash or UNSET,
+        ),
         error=outcome.error,
         retryable=outcome.retryable,
-        terminal_state_ts_unix_ms=int(time.time() * 1000),
+        terminal_state_ts_unix_ms=(
+            terminal_ts_ms if terminal_ts_ms is not None else int(time.time() * 1000)
+        ),
+        receipt=receipt or UNSET,
+        receipt_pending_deadline_seconds=(
+            settlement.pending_deadline_seconds if settlement is not None else UNSET
+        ),
+        late_receipt_settlement=LATE_RECEIPT_SETTLEMENT if settlement is not None else UNSET,
     )
 
 
@@ -127,12 +183,19 @@ async def relay(
     20); text that arrives sooner waits, at most until ``chunk_interval`` has
     passed. ``clock`` (default :func:`time.monotonic`) times the flushes.
     """
-    fmt = CompletionFormatter(job.request_id, model_id, include_usage=request.include_usage())
+    fmt = CompletionFormatter(
+        job.request_id,
+        model_id,
+        include_usage=request.include_usage(),
+        logprobs=request.top_logprobs_n() is not None,
+        obfuscation=request.include_obfuscation(),
+    )
+    schema = json_schema_of(request)
     # Only engines that take hints get one (see provider.engine's contract).
     hints = {"conversation_key": job.conversation_key} if job.conversation_key else {}
     stream = engine.generate(request, job.cancel, **hints)
-    pending = ""
-    text_parts: list[str] = []
+    pending = Output()
+    whole = Output()  # a non-streaming answer; the text a JSON check reads
     last_flush = 0.0
     due = chunk_interval * (1.0 - FLUSH_SLACK)
     final: TokenBatch | None = None
@@ -146,11 +209,13 @@ async def relay(
             await send(chunk)
 
     async def flush() -> None:
-        nonlocal pending, last_flush
+        nonlocal last_flush
         first = job.first_token_at is None
         if first:
             job.first_token_at = time.monotonic()
-        data, pending = fmt.stream_delta(pending, first=first), ""
+        out = pending.take()
+        data = fmt.stream_delta(out, first=first)
+        job.deliver(out)
         last_flush = clock()
         await emit(data)
 
@@ -180,20 +245,26 @@ async def relay(
             job.prompt_tokens = batch.prompt_tokens
             job.completion_tokens = batch.completion_tokens
             job.cached_tokens = batch.cached_tokens
+            pieces = dict(
+                reasoning=batch.reasoning, tool_calls=batch.tool_calls, logprobs=batch.logprobs
+            )
+            if not job.stream:
+                whole.add(batch.text, **pieces)
+            elif schema is not None:  # a stream keeps only what the JSON check reads
+                whole.add(batch.text, tool_calls=batch.tool_calls)
             if batch.finish_reason is not None:
                 final = batch
-                pending += batch.text
+                pending.add(batch.text, **pieces)
                 break
-            if not batch.text and job.first_token_at is not None:
+            new = batch.text or batch.reasoning or batch.tool_calls or batch.logprobs
+            if not new and job.first_token_at is not None:
                 continue
             if job.stream:
-                pending += batch.text
+                pending.add(batch.text, **pieces)
                 if job.first_token_at is None or clock() - last_flush >= due:
                     await flush()
-            else:
-                if job.first_token_at is None:
-                    job.first_token_at = time.monotonic()
-                text_parts.append(batch.text)
+            elif job.first_token_at is None:
+                job.first_token_at = time.monotonic()
     except EngineError as exc:
         return Outcome(exc.status, str(exc), exc.retryable)
     finally:
@@ -204,14 +275,30 @@ async def relay(
     job.finished_at = time.monotonic()
     if final.finish_reason == "cancelled":
         if job.cancel_reason == "deadline":
-            return Outcome("provider_timeout", "the request ran past its deadline", True)
+            limit = f" ({job.timeout_s:g} s)" if job.timeout_s is not None else ""
+            error = f"the request ran past request_timeout_s{limit}"
+            return Outcome("provider_timeout", error, True)
         return Outcome("cancelled", job.cancel_reason)
     usage = completion_usage(job.prompt_tokens, job.completion_tokens, job.cached_tokens)
+    verdict = None
+    if schema is not None and not whole.tool_calls:
+        verdict = judge_output(whole.text, schema, finish_reason=final.finish_reason)
+    if verdict is not None:
+        # The stream (if any) ends without a finish or [DONE]: the end frame's
+        # status says what is wrong, and the coordinator tells the buyer.
+        if job.stream and pending:
+            out = pending.take()
+            job.deliver(out)
+            await emit(fmt.stream_delta(out, first=job.chunks_sent == 0), last=True)
+        return Outcome(verdict.status, verdict.message, verdict.retryable)
     if job.stream:
         data = fmt.stream_end(pending, final.finish_reason, usage, first=job.chunks_sent == 0)
+        job.deliver(pending)
     else:
-        text_parts.append(pending)
-        data = fmt.completion("".join(text_parts), final.finish_reason, usage)
+        data = fmt.completion(whole, final.finish_reason, usage)
+        # Newlines around calls are not sent as content (see CompletionFormatter).
+        job.deliver(whole, content=bool(whole.text.strip()) or not whole.tool_calls)
+    job.delivered.finish_reason = final.finish_reason
     await emit(data, last=True)
     return Outcome("complete")
 

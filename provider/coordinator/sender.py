@@ -31,12 +31,12 @@ class Sender:
         ws: Connection,
         *,
         timeout: float = 5.0,
-        abort: Callable[[str], None] | None = None,
+        abort: Callable[[str, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``abort(cause)`` drops the connection; default: abort the transport."""
+        """``abort(cause, detail)`` drops the connection; default: abort the transport."""
         self._ws = ws
-        self._abort = abort or (lambda _cause: ws.transport.abort())
+        self._abort = abort or (lambda _cause, _detail: ws.transport.abort())
         self._timeout = timeout
         self._clock = clock
         self._queue: asyncio.Queue[tuple[str, asyncio.Future[None] | None]] = asyncio.Queue()
@@ -55,10 +55,14 @@ class Sender:
 
         Raises :class:`ConnectionLost` if the connection fails first.
         """
+        await self.send_text(encode_text(msg))
+
+    async def send_text(self, text: str) -> None:
+        """:meth:`send` for a frame already encoded (whose exact bytes matter)."""
         if self._failed is not None:
             raise self._failed
         fut = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((encode_text(msg), fut))
+        self._queue.put_nowait((text, fut))
         await fut
 
     async def run(self) -> None:
@@ -70,10 +74,9 @@ class Sender:
                     async with asyncio.timeout(self._timeout):
                         await self._ws.send(text)
                 except TimeoutError:
-                    self._abort("send_timeout")
-                    raise ConnectionLost(
-                        "send_timeout", f"a send did not complete in {self._timeout:g} s"
-                    ) from None
+                    detail = f"a send did not complete in {self._timeout:g} s"
+                    self._abort("send_timeout", detail)
+                    raise ConnectionLost("send_timeout", detail) from None
                 except ConnectionClosed as exc:
                     raise ConnectionLost("closed", str(exc), close_code=_code(exc)) from None
                 self.last_ok = self._clock()

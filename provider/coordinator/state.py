@@ -133,6 +133,11 @@ class StateMachine:
         self.draining = True
         return self._changed()
 
+    def end_drain(self) -> Status | None:
+        """A coordinator-asked drain is over: the next registration serves again."""
+        self.draining = False
+        return self._changed()
+
     def job_started(self) -> Status | None:
         self.in_flight += 1
         return self._changed()

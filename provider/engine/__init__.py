@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from provider.openai.request import ChatCompletionRequest
-from provider.openai.response import FinishReason
+from provider.openai.response import FinishReason, TokenLogprob, ToolCallOut
 
 #: The ``inference_response_end`` statuses an engine may end a request with
 #: (besides ``complete`` and ``cancelled``, which come as a finish reason).
@@ -69,12 +69,21 @@ class ModelInfo:
 
 @dataclass(slots=True)
 class TokenBatch:
-    """Output of one hand-off from the generation thread to the event loop."""
+    """Output of one hand-off from the generation thread to the event loop.
+
+    ``text`` is answer content; ``reasoning`` a thinking model's reasoning;
+    ``tool_calls`` the calls completed in this batch (finish reason
+    ``tool_calls`` when any were made); ``logprobs`` one entry per completion
+    token counted in this batch, when the request asked for them (else None).
+    """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    reasoning: str = ""
+    tool_calls: list[ToolCallOut] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
     cached_tokens: int = 0
 
 

@@ -120,7 +120,7 @@ def serve_batched(rt: Runtime) -> None:
                     job = running.get(r.uid)
                     if job is None:
                         continue
-                    done = rt.guarded(job, job.on_token, int(r.token))
+                    done = rt.guarded(job, job.on_token, int(r.token), r.logprobs)
                     if not done and r.finish_reason is None:
                         done = rt.guarded(job, rt.step_done, job, "decode")
                     if done or r.finish_reason is not None:
@@ -152,17 +152,18 @@ def serve_batched(rt: Runtime) -> None:
             if filling is None:
                 continue
             job = filling.job
-            token = None
+            first = None
             try:
-                token = prefill_chunk(rt, filling)
+                first = prefill_chunk(rt, filling)
             except Exception as exc:
                 log.exception("%s: prefill failed", job.request_id)
                 job.fail(EngineError("error_internal", f"generation failed: {exc}"))
-            if token is None and not job.done:
+            if first is None and not job.done:
                 continue  # more chunks to go
             if not job.done:
-                assert token is not None
-                done = rt.guarded(job, job.on_token, token)
+                assert first is not None
+                token, logprobs = first
+                done = rt.guarded(job, job.on_token, token, logprobs)
                 if not done:
                     done = rt.guarded(job, rt.step_done, job, "decode")
                 if not done:
@@ -176,6 +177,7 @@ def serve_batched(rt: Runtime) -> None:
                             # A copy: the generator appends to it what it decodes.
                             all_tokens=[list(job.prompt)],
                             samplers=[job.sampler],
+                            logits_processors=[job.logits_processors],
                             stop_sequences=[eos_stop],
                         )
                     except Exception as exc:
@@ -192,8 +194,8 @@ def serve_batched(rt: Runtime) -> None:
         generator.close()
 
 
-def prefill_chunk(rt: Runtime, fill: _Prefill) -> int | None:
-    """Run the next chunk of ``fill``'s prompt; once it is all in, its first token.
+def prefill_chunk(rt: Runtime, fill: _Prefill) -> tuple[int, Any] | None:
+    """Run the next chunk of ``fill``'s prompt; once it is all in, its first token and logprobs.
 
     As in :func:`mlx_lm.generate.generate_step`: every prompt token but the
     last goes through the model in chunks of ``prefill_step_size``, then the
@@ -217,6 +219,12 @@ def prefill_chunk(rt: Runtime, fill: _Prefill) -> int | None:
         if n < rest or job.cancel.is_set():
             return None  # the next turn runs the next chunk, or ends a cancelled job
     logits = rt.model(mx.array(prompt[-1:])[None], cache=fill.cache)[:, -1, :]
+    if job.logits_processors:
+        # As generate_step does: the first call sees the prompt only.
+        tokens = mx.array(prompt)
+        for processor in job.logits_processors:
+            logits = processor(tokens, logits)
     assert job.sampler is not None
-    token = job.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-    return int(token.item())
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    token = job.sampler(logprobs)
+    return int(token.item()), logprobs[0]

@@ -53,9 +53,10 @@ from provider.engine.capacity import (
     model_bytes,
     total_memory,
 )
-from provider.engine.job import GenerationJob, RequestStats, StepKind
+from provider.engine.job import GenerationJob, RequestStats, StepKind, request_options
 from provider.engine.loading import (
     load_model,
+    logits_width,
     make_eos_mask,
     measure_throughput,
     model_hash,
@@ -63,6 +64,7 @@ from provider.engine.loading import (
 )
 from provider.engine.prompt_cache import PromptCache
 from provider.engine.runtime import Runtime
+from provider.engine.sampling import TokenTable
 from provider.engine.sequential import serve_sequential
 from provider.engine.speculative import LookupCosts, measure_lookup_costs
 from provider.engine.text import encode_chat
@@ -260,6 +262,8 @@ class MlxEngine:
         # Jobs submitted, while anything refers to them (the generation thread
         # does until it is done with them).
         self._unsettled: weakref.WeakSet[GenerationJob] = weakref.WeakSet()
+        self._vocab_size = 0
+        self._table: TokenTable | None = None
 
     # -- Engine protocol -----------------------------------------------------
 
@@ -353,7 +357,9 @@ class MlxEngine:
             self._request_seq += 1
             request_id = request_id or f"req-{self._request_seq}"
             loop = asyncio.get_running_loop()
-            prompt = await loop.run_in_executor(self._tokenize_pool, self._encode, request)
+            prompt, options = await loop.run_in_executor(
+                self._tokenize_pool, self._prepare, request
+            )
             max_tokens = self._completion_budget(len(prompt), request.token_limit())
             self._refuse_long_memory_wait(len(prompt) + max_tokens)
             job = self._new_job(
@@ -362,11 +368,8 @@ class MlxEngine:
                 max_tokens,
                 cancel,
                 loop,
-                temperature=request.temperature or 0.0,
-                top_p=request.top_p if request.top_p is not None else 1.0,
-                seed=request.seed,
-                stop=request.stop_list(),
                 conversation=_hash_hint(conversation_key),
+                **options,
             )
             self._jobs[request_id] = job
             log.debug(
@@ -513,6 +516,30 @@ class MlxEngine:
                 "error_internal", f"the model's chat template rejected the messages: {exc}"
             ) from exc
 
+    def _prepare(self, request: ChatCompletionRequest) -> tuple[list[int], dict[str, Any]]:
+        """Prompt ids and job options of ``request`` (in the tokenizing executor)."""
+        prompt = self._encode(request)
+        with self._tokenizer_lock:
+            options = request_options(
+                self._tokenizer,
+                request,
+                prompt,
+                vocab_size=self._vocab_size,
+                table=self._token_table,
+            )
+        return prompt, options
+
+    def _token_table(self) -> TokenTable:
+        """The model's token table, built by the first request that needs it (in the
+        tokenizing executor, so one at a time), then shared read-only."""
+        if self._table is None:
+            self._table = TokenTable(
+                self._tokenizer._tokenizer,
+                vocab_size=self._vocab_size,
+                eos_token_ids=self._tokenizer.eos_token_ids,
+            )
+        return self._table
+
     def _encode_text(self, text: str) -> list[int]:
         return self._encode(
             ChatCompletionRequest(messages=[ChatMessage(role="user", content=text)])
@@ -564,6 +591,7 @@ class MlxEngine:
         stop: list[str] | None = None,
         conversation: str | None = None,
         use_cache: bool = True,
+        **options: Any,
     ) -> GenerationJob:
         stats = RequestStats(
             request_id=request_id,
@@ -589,6 +617,7 @@ class MlxEngine:
             handoff_interval=self.handoff_interval,
             conversation=conversation,
             use_cache=use_cache,
+            **options,
         )
 
     def _submit(self, job: GenerationJob) -> None:
@@ -604,14 +633,21 @@ class MlxEngine:
         while True:
             await job.event.wait()
             job.event.clear()
-            text, completion_tokens, finish, error = job.take()
-            if error is not None:
-                raise error
-            if text or finish is not None or completion_tokens:
+            out = job.take()
+            if out.error is not None:
+                raise out.error
+            if out.text or out.finish is not None or out.tokens or out.reasoning or out.tool_calls:
                 yield TokenBatch(
-                    text, prompt_tokens, completion_tokens, finish, job.stats.cached_tokens
+                    out.text,
+                    prompt_tokens,
+                    out.tokens,
+                    out.finish,
+                    reasoning=out.reasoning,
+                    tool_calls=out.tool_calls,
+                    logprobs=out.logprobs,
+                    cached_tokens=job.stats.cached_tokens,
                 )
-            if finish is not None:
+            if out.finish is not None:
                 return
 
     # -- generation thread -------------------------------------------------------
@@ -619,6 +655,7 @@ class MlxEngine:
     def _thread_main(self, loaded: concurrent.futures.Future[ModelInfo]) -> None:
         import mlx.core as mx
         from mlx_lm.generate import wired_limit
+        from mlx_lm.sample_utils import greedy_sampler
 
         try:
             self._stream = mx.new_stream(mx.default_device())
@@ -643,6 +680,8 @@ class MlxEngine:
             prefill_step_size=self.prefill_step_size,
             record_token_ids=self.record_token_ids,
             hook=lambda: self.step_hook,
+            vocab_size=self._vocab_size,
+            plain_greedy=greedy_sampler,
             prompt_cache=self._prompt_cache,
             capacity=self._capacity,
             kv_bits=self.kv_bits,
@@ -709,6 +748,7 @@ class MlxEngine:
         model, tokenizer = loaded.model, loaded.tokenizer
         self._model, self._tokenizer, self._config = model, tokenizer, loaded.config
         self._context_tokens = loaded.context_tokens
+        self._vocab_size = logits_width(model, loaded.config, tokenizer)
 
         if self.ignore_eos and tokenizer.eos_token_ids:
             mask = make_eos_mask(model, tokenizer, loaded.config)

@@ -56,6 +56,10 @@ class Runtime:
     prefill_step_size: int
     record_token_ids: bool
     hook: Callable[[], StepHook | None]
+    #: The model's logits width (token ids are below it).
+    vocab_size: int = 0
+    #: Greedy without the EOS mask (for grammar-constrained requests).
+    plain_greedy: Sampler | None = None
     prompt_cache: PromptCache | None = None
     capacity: Capacity | None = None
     kv_bits: int | None = None
@@ -83,12 +87,17 @@ class Runtime:
         job.stats.started_at = time.perf_counter()
         job.detokenizer = self.tokenizer.detokenizer
         job.eos = frozenset(self.tokenizer.eos_token_ids)
+        # A grammar decides when EOS may come; the benchmark EOS mask must not fight it.
+        constrained = job.grammar is not None
         job.sampler = make_sampler(
             temperature=job.temperature,
             top_p=job.top_p,
             seed=job.seed,
-            greedy=self.greedy,
-            eos_mask=self.eos_mask,
+            greedy=self.plain_greedy if constrained else self.greedy,
+            eos_mask=None if constrained else self.eos_mask,
+            top_k=job.top_k,
+            min_p=job.min_p,
+            vocab_size=self.vocab_size,
         )
         job.record_tokens = self.record_token_ids
 
@@ -267,12 +276,19 @@ class Runtime:
         job.stats.speculation = mode
         kv = self.kv_args()
         if mode is None:
+            processors = job.logits_processors or None
+            if processors and hit.tokens:
+                # They read the tokens so far, and the cached ones never go
+                # through generate_step: put them back in front.
+                prefix = mx.array(job.prompt[: hit.tokens])
+                processors = [_after(prefix, p) for p in processors]
             steps = generate_step(
                 mx.array(job.prompt[hit.tokens :]),
                 self.model,
                 self.stream,
                 max_tokens=job.max_tokens,
                 sampler=job.sampler,
+                logits_processors=processors,
                 prefill_step_size=self.prefill_step_size,
                 prompt_progress_callback=progress,
                 prompt_cache=cache,
@@ -388,3 +404,13 @@ def _looked_up(steps: Steps, stats: RequestStats, lookup: LookupStats) -> Steps:
     finally:
         steps.close()
         stats.drafted, stats.accepted = lookup.drafted, lookup.accepted
+
+
+def _after(prefix: Any, processor: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """``processor`` seeing ``prefix`` before the tokens it is given."""
+    import mlx.core as mx
+
+    def call(tokens: Any, logits: Any) -> Any:
+        return processor(mx.concatenate([prefix, tokens.astype(prefix.dtype)]), logits)
+
+    return call

@@ -77,9 +77,9 @@ def _run_one(rt: Runtime, job: GenerationJob, pending: deque[GenerationJob]) -> 
         cache, draft = hit.cache, hit.draft
         steps = rt.token_steps(job, hit, progress)
         try:
-            for token, _, _ in steps:
+            for token, logprobs, _ in steps:
                 seen.append(token)
-                if job.on_token(token):
+                if job.on_token(token, logprobs):
                     break
                 rt.step_done(job, "decode")
                 _sweep(rt, pending)

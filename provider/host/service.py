@@ -28,6 +28,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
@@ -63,6 +64,8 @@ DEFAULT_DRAIN_TIMEOUT_S = 300.0
 #: Time allowed on top of the drain before the service manager kills the agent.
 STOP_MARGIN_S = 30
 THROTTLE_INTERVAL_S = 10
+#: How often :func:`install` asks launchd whether a booted-out job is gone.
+BOOTOUT_POLL_S = 0.25
 SYSTEMD_UNIT_NAME = "mlx-provider.service"
 
 P = ParamSpec("P")
@@ -341,12 +344,45 @@ def _show_file(path: Path, content: bytes, *, dry_run: bool) -> bool:
     return True
 
 
+def _installed_exit_timeout(path: Path) -> int | None:
+    """``ExitTimeOut`` of the plist installed at ``path``, if it has a readable one."""
+    try:
+        value = plistlib.loads(path.read_bytes()).get("ExitTimeOut")
+    except (OSError, plistlib.InvalidFileException, ValueError):
+        return None
+    return value if isinstance(value, int) else None
+
+
 def _write_atomically(path: Path, content: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(content)
     tmp.chmod(0o644)  # launchd ignores agents writable by others
     os.replace(tmp, path)
+
+
+def _wait_until_gone(agent: LaunchAgent, timeout_s: float) -> None:
+    """Return once ``launchctl print`` no longer finds the service; at most ``timeout_s``.
+
+    ``bootout`` returns while a job that is draining is still exiting, and a
+    ``bootstrap`` of the same label before it is gone fails with ``5:
+    Input/output error``.
+    """
+    if _launchctl_print(agent) is None:
+        return
+    print(
+        f"waiting for the running agent to finish its jobs and exit (up to {timeout_s:g} s)",
+        flush=True,
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(BOOTOUT_POLL_S)
+        if _launchctl_print(agent) is None:
+            return
+    raise ServiceError(
+        f"{agent.label} is still loaded {timeout_s:g} s after `launchctl bootout`; wait until "
+        f"`launchctl print {agent.target}` no longer finds it, then install again"
+    )
 
 
 @_exit_code
@@ -365,17 +401,23 @@ def install(
     # How.
     dry_run: bool = False,
     platform: str | None = None,
+    bootout_timeout_s: float | None = None,
 ) -> int:
     """Install and (re)start the LaunchAgent for the config file ``config_path``.
 
     Writes the plist (saying so when it is unchanged, showing a unified diff
     when it replaces a different one), creates the log directory, then
-    ``launchctl bootout`` (only if loaded, so the new plist is read),
-    ``launchctl bootstrap gui/<uid> <plist>`` and ``launchctl kickstart
-    gui/<uid>/<label>``. ``RunAtLoad`` makes bootstrap start the agent and
-    kickstart then only makes sure; ``-k`` would kill the fresh instance
-    while it loads its model. ``config_path`` must exist (except in a dry
-    run). See :func:`build_plist` for the other options.
+    ``launchctl bootout`` (only if loaded, so the new plist is read) and
+    waits until ``launchctl print`` no longer finds the job: bootout of an
+    agent that is draining returns before the agent is gone, and an
+    immediate bootstrap would fail. The wait is bounded by
+    ``bootout_timeout_s`` (default: the old job's ``ExitTimeOut``, after
+    which launchd kills it, plus 10 s). Then ``launchctl bootstrap
+    gui/<uid> <plist>`` and ``launchctl kickstart gui/<uid>/<label>``.
+    ``RunAtLoad`` makes bootstrap start the agent and kickstart then only
+    makes sure; ``-k`` would kill the fresh instance while it loads its
+    model. ``config_path`` must exist (except in a dry run). See
+    :func:`build_plist` for the other options.
     """
     if (plat := host_platform(platform)) != "darwin":
         return _not_macos("install", plat)
@@ -396,11 +438,15 @@ def install(
         extra_env=extra_env,
     )
     content = render_plist(plist)
+    old_exit_timeout = _installed_exit_timeout(agent.plist_path)
+    if bootout_timeout_s is None:
+        bootout_timeout_s = max(old_exit_timeout or 0, plist["ExitTimeOut"]) + 10
     must_write = _show_file(agent.plist_path, content, dry_run=dry_run)
     if dry_run:
         if not agent.log_dir.is_dir():
             print(f"would create directory {agent.log_dir}")
         _launchctl("bootout", agent.target, dry_run=True, when="if it is loaded already")
+        print(f"would wait until it is gone (up to {bootout_timeout_s:g} s)")
     else:
         if must_write:
             _write_atomically(agent.plist_path, content)
@@ -408,6 +454,7 @@ def install(
         agent.log_dir.mkdir(parents=True, exist_ok=True)
         if _launchctl_print(agent) is not None:
             _launchctl("bootout", agent.target)
+            _wait_until_gone(agent, bootout_timeout_s)
     _launchctl("bootstrap", agent.domain, str(agent.plist_path), dry_run=dry_run)
     _launchctl("kickstart", agent.target, dry_run=dry_run)
     if not dry_run:

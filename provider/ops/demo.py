@@ -233,7 +233,8 @@ async def run_demo(args: argparse.Namespace) -> int:
         say("starting the provider")
         provider = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "provider", "serve", "--coordinator", ws_url,
-            "--model", model, "--provider-id", "demo-provider", "--token", "demo-token",
+            "--model", model, "--provider-id", "demo-provider",
+            "--token", "demo_provider_token_local",
             "--status-port", "0",
             stdin=asyncio.subprocess.DEVNULL, stderr=(workdir / "provider.log").open("wb"), env=env,
         )  # fmt: skip

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import os
 import platform as _platform
 import re
@@ -27,12 +29,32 @@ import tomllib
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.frames import Close
 
-from provider.coordinator.session import NoRedirectConnect
+from provider import __version__
+from provider.config import ConfigError, check_provider_token, model_id_from
+from provider.coordinator.admission import (
+    BOOTSTRAP_PROVIDER_ID,
+    MAX_CONCURRENCY_CEILING,
+    PRODUCTION_REQUIRED_BINARY_VERSION,
+    compatibility_set_problem,
+    provider_id_problem,
+    required_version_from_reason,
+    version_problem,
+)
+from provider.coordinator.catalog import (
+    PRODUCTION_PUBLIC_KEYS,
+    CatalogError,
+    default_feed_url,
+    fetch_admission,
+)
+from provider.coordinator.keys import DEFAULT_KEY_DIR
+from provider.coordinator.session import NoRedirectConnect, tls_failure
+from provider.host.model_identity import ModelIdentityError, model_identity
 from provider.host.service import DEFAULT_LABEL, LaunchAgent, host_platform, service_state
 from provider.logs import default_log_dir
 
@@ -45,6 +67,7 @@ __all__ = [
     "check_memory",
     "check_mlx",
     "check_model",
+    "check_production_gates",
     "check_python",
     "check_service",
     "check_token",
@@ -72,6 +95,8 @@ class CheckResult:
     detail: str
     fix: str | None = None
     skipped: bool = False
+    #: ``production`` for the admission gates of a production coordinator.
+    group: str = ""
 
 
 def _gib(n: float) -> str:
@@ -325,16 +350,30 @@ def check_config_file(config_path: Path) -> CheckResult:
     return CheckResult("config file", True, f"{config_path} (mode {mode:04o})")
 
 
-def check_token(token: str | None, *, config_path: Path | None = None) -> CheckResult:
-    """A provider token is configured. Says how long it is, never what it is."""
+def check_token(
+    token: str | None, *, config_path: Path | None = None, protocol: str = "v1"
+) -> CheckResult:
+    """A provider token is configured (v2 can start without one). Says how long
+    it is, never what it is."""
     if not token:
         where = f" in {config_path}" if config_path else " in the config file"
+        if protocol == "v2":
+            return CheckResult(
+                "provider token",
+                True,
+                "none yet: the first v2 connection gets one (credential bootstrap or self-mint)",
+            )
         return CheckResult(
             "provider token",
             False,
             "no provider token",
             f"set provider_token{where} (or MLX_PROVIDER_PROVIDER_TOKEN)",
         )
+    try:
+        check_provider_token(token)
+    except ConfigError as exc:
+        where = f" in {config_path}" if config_path else ""
+        return CheckResult("provider token", False, str(exc), f"fix provider_token{where}")
     return CheckResult("provider token", True, f"set ({len(token)} characters)")
 
 
@@ -390,13 +429,12 @@ async def _websocket_check(url: str, token: str, timeout: float, settle: float) 
         else:
             detail, fix = f"HTTP {status} instead of 101", "retry later; the coordinator is unwell"
         return CheckResult(name, False, detail, fix)
-    except ssl.SSLCertVerificationError as exc:
-        return CheckResult(
-            name,
-            False,
-            f"TLS certificate not trusted: {exc.verify_message}",
-            "install root certificates (python.org Python: run 'Install Certificates.command')",
-        )
+    except ssl.SSLError as exc:
+        host = urllib.parse.urlsplit(url).hostname or "?"
+        fix = "check coordinator_url; if the marketplace's certificate is at fault, tell them"
+        if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_code in (2, 19, 20, 21):
+            fix = "install root certificates (python.org Python: 'Install Certificates.command')"
+        return CheckResult(name, False, tls_failure(exc, host), fix)
     except (InvalidURI, InvalidHandshake, OSError, TimeoutError) as exc:
         return CheckResult(
             name,
@@ -469,6 +507,197 @@ async def check_coordinator(
         # Belt and braces: an exception text could echo a header.
         ws = CheckResult(ws.name, ws.ok, ws.detail.replace(token, "***"), ws.fix, ws.skipped)
     return [tcp, ws]
+
+
+# --------------------------------------------------------------------------
+# Production admission: what a coordinator like the production one checks
+
+
+def _gate(name: str, problem: str | None, ok_detail: str, fix: str) -> CheckResult:
+    if problem:
+        return CheckResult(name, False, problem, fix, group="production")
+    return CheckResult(name, True, ok_detail, group="production")
+
+
+def _last_refusal(key_dir: Path) -> CheckResult:
+    name = "last refusal"
+    try:
+        record = json.loads((key_dir / "last-refusal.json").read_text())
+    except (OSError, ValueError):
+        return CheckResult(name, True, "none recorded")
+    reason = str(record.get("reason") or "")
+    detail = f"closed {record.get('close_code')} at {record.get('at')}: {reason}"
+    required = required_version_from_reason(reason)
+    fix = record.get("fix") or "see the reason"
+    if required:
+        fix = (
+            f"the coordinator requires binary version {required}: upgrade mlx-provider, or set "
+            f"advertised_binary_version to {required} or later; then restart"
+        )
+    return CheckResult(name, False, detail, fix)
+
+
+async def check_production_gates(
+    *,
+    protocol: str = "v2",
+    coordinator_url: str | None,
+    token: str | None,
+    provider_id: str | None,
+    referral_code: str | None = None,
+    compatibility_set_id: str | None = None,
+    binary_version: str | None = None,
+    model: str | None,
+    model_id: str | None = None,
+    max_concurrency: int = 1,
+    catalog_feed_url: str | None = None,
+    catalog_public_keys: dict[str, str] | None = None,
+    key_dir: Path | None = None,
+    timeout: float = 10.0,
+) -> list[CheckResult]:
+    """One result per gate of a production coordinator (``dist/coordinator.yaml``):
+    the encrypted leg, the binary floor, credentials, the compatibility set, the
+    provider id, the model's identity hash and its catalog row, the concurrency
+    ceiling, and the last final refusal this provider received."""
+    key_dir = (key_dir or DEFAULT_KEY_DIR).expanduser()
+    version = binary_version or __version__
+    results = [
+        _gate(
+            "protocol",
+            None
+            if protocol == "v2"
+            else "protocol v1: a production coordinator requires the "
+            "encrypted leg and closes a v1 hello with 4013",
+            "v2 (auth_request, encrypted leg, receipts)",
+            'set protocol = "v2"',
+        ),
+        _gate(
+            "binary version",
+            version_problem(version, PRODUCTION_REQUIRED_BINARY_VERSION),
+            f"{version} (production floor {PRODUCTION_REQUIRED_BINARY_VERSION})",
+            f"set advertised_binary_version to {PRODUCTION_REQUIRED_BINARY_VERSION} or later "
+            "(the version of the protocol this build speaks), or upgrade; 4004 otherwise",
+        ),
+    ]
+    if token:
+        results.append(CheckResult("credentials", True, "provider token set (Bearer)"))
+    elif provider_id is None or BOOTSTRAP_PROVIDER_ID.fullmatch(provider_id):
+        results.append(
+            _gate(
+                "credentials",
+                None
+                if referral_code
+                else "no token and no referral_code: the credential "
+                "bootstrap is refused with 4005 referral_required",
+                "no token: the first start bootstraps one with referral_code",
+                "set referral_code (from the marketplace), or provider_token",
+            )
+        )
+    else:
+        results.append(
+            CheckResult(
+                "credentials",
+                True,
+                f"no token: {provider_id!r} self-mints one on first connect (that session is "
+                "not routed; the agent reconnects with the token at once)",
+            )
+        )
+    results.append(
+        _gate(
+            "compatibility set",
+            (
+                compatibility_set_problem(compatibility_set_id)
+                if compatibility_set_id
+                else "no compatibility_set_id: a coordinator with a compatibility policy refuses "
+                "(4001 compatibility_set_required) or never routes"
+            ),
+            compatibility_set_id or "",
+            "set compatibility_set_id to the id the marketplace publishes for this release",
+        )
+    )
+    results.append(
+        _gate(
+            "provider id",
+            provider_id_problem(provider_id) if provider_id else None,
+            provider_id or "not set: one is generated (mp-<32 hex>) on first start",
+            "use 1 to 64 letters, digits, '_', '.' or '-'",
+        )
+    )
+    results.append(
+        CheckResult(
+            "max concurrency",
+            True,
+            f"{max_concurrency}"
+            + (
+                f": above the coordinator's ceiling, it routes at most {MAX_CONCURRENCY_CEILING}"
+                if max_concurrency > MAX_CONCURRENCY_CEILING
+                else ""
+            ),
+        )
+    )
+    identity = None
+    try:
+        identity = await asyncio.to_thread(model_identity, model or "", cache_dir=key_dir)
+        results.append(
+            CheckResult("model identity", True, f"{identity.hash} ({identity.algorithm})")
+        )
+    except (ModelIdentityError, OSError) as exc:
+        results.append(
+            CheckResult(
+                "model identity",
+                False,
+                f"{exc}",
+                "a production coordinator routes only models whose hash matches the catalog; "
+                "serve a real copy of the published snapshot",
+            )
+        )
+    served = model_id or await asyncio.to_thread(model_id_from, model or "")
+    results.append(
+        await _catalog_gate(
+            coordinator_url, catalog_feed_url, catalog_public_keys, served, identity, timeout
+        )
+    )
+    results.append(_last_refusal(key_dir))
+    return [dataclasses.replace(r, group="production") for r in results]
+
+
+async def _catalog_gate(
+    coordinator_url: str | None,
+    feed_url: str | None,
+    public_keys: dict[str, str] | None,
+    served: str,
+    identity: Any,
+    timeout: float,
+) -> CheckResult:
+    name = "catalog"
+    if feed_url == "off":
+        return CheckResult(name, False, "catalog_feed_url is off: no catalog_* fields are sent "
+                           "(catalog mode legacy, never routed)",
+                           "remove catalog_feed_url = \"off\"")  # fmt: skip
+    if not coordinator_url and not feed_url:
+        return CheckResult(name, True, "skipped: no coordinator_url", skipped=True)
+    url = feed_url or default_feed_url(coordinator_url or "")
+    try:
+        admission = await fetch_admission(
+            url, served, public_keys or PRODUCTION_PUBLIC_KEYS, timeout=timeout
+        )
+    except CatalogError as exc:
+        return CheckResult(
+            name,
+            False,
+            str(exc),
+            "check catalog_feed_url and catalog_public_keys; set model_id to the catalogued "
+            "Hugging Face id of this model",
+        )
+    detail = f"release {admission.release_id}, row {admission.row_key}"
+    if admission.model_sha256 and identity is not None and admission.model_sha256 != identity.hash:
+        return CheckResult(
+            name,
+            False,
+            f"{detail}: the row's model_sha256 {admission.model_sha256} differs from this "
+            f"model's {identity.hash}: connected but never routed",
+            "serve exactly the published snapshot of this model (all files, as published)",
+        )
+    return CheckResult(name, True, detail)
 
 
 # --------------------------------------------------------------------------
@@ -551,6 +780,8 @@ async def run_checks(
     timeout: float = 5.0,
     settle: float = 1.0,
     platform: str | None = None,
+    # Production admission (see check_production_gates); None skips it.
+    production: dict[str, Any] | None = None,
 ) -> list[CheckResult]:
     """Run every check, in order; never raises for a failed check.
 
@@ -570,24 +801,41 @@ async def run_checks(
             check_model, model, load=load_model, memory_bytes=memory, config_path=config_path
         ),
         check_config_file(config_path),
-        check_token(token, config_path=config_path),
+        check_token(
+            token,
+            config_path=config_path,
+            protocol=str((production or {}).get("protocol", "v1")),
+        ),
         *await check_coordinator(coordinator_url, token, timeout=timeout, settle=settle),
         check_service(label=label, uid=uid, config_path=config_path, platform=platform),
         check_log_dir(log_dir or default_log_dir(platform=host_platform(platform))),
     ]
+    if production is not None:
+        results += await check_production_gates(
+            coordinator_url=coordinator_url, token=token, model=model, **production
+        )
     return results
 
 
 def format_results(results: list[CheckResult]) -> str:
     """One line a check (``ok``, ``FAIL`` or ``skip``), each fix under its failure,
-    and a summary line."""
+    the production gates under their own heading, and a summary line (the
+    gates are counted apart: a development setup need not pass them)."""
     width = max((len(r.name) for r in results), default=0)
     lines = []
+    heading = False
     for r in results:
+        if r.group == "production" and not heading:
+            heading = True
+            lines.append("production admission (a coordinator configured like production):")
         mark = "skip" if r.skipped else "ok" if r.ok else "FAIL"
         lines.append(f"{mark:<4}  {r.name:<{width}}  {r.detail}")
         if not r.ok and r.fix:
             lines.append(f"{'':<4}  {'':<{width}}  fix: {r.fix}")
-    failed = sum(not r.ok for r in results)
+    gates = sum(not r.ok for r in results if r.group == "production")
+    if gates:
+        lines.append(f"{gates} production gate{'s' if gates != 1 else ''} would refuse or "
+                     "not route this provider")  # fmt: skip
+    failed = sum(not r.ok for r in results if r.group != "production")
     lines.append(f"{failed} problem{'s' if failed != 1 else ''} found" if failed else "all good")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from provider.coordinator.keys import DEFAULT_KEY_DIR
 from provider.host import service
 from provider.host.service import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_LABEL, LaunchAgent
 from provider.logs import LOG_FILE_NAME, default_log_dir
@@ -132,6 +133,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "Start it with `mlx-provider start` (service) or `mlx-provider serve`.",
                 file=sys.stderr,
             )
+            refusal = _last_refusal()
+            if refusal:
+                print(refusal, file=sys.stderr)
         else:
             print(f"no answer from {url}: {exc.reason}", file=sys.stderr)
         return 1
@@ -145,6 +149,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _last_refusal() -> str | None:
+    """The final refusal that stopped the agent, if it recorded one."""
+    path = (DEFAULT_KEY_DIR / "last-refusal.json").expanduser()
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    text = (
+        f"It stopped at {record.get('at')}: the coordinator closed with "
+        f"{record.get('close_code')} ({record.get('reason')})."
+    )
+    return text + (f" Fix: {record['fix']}." if record.get("fix") else "")
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     # Imported here: doctor pulls in websockets, and only this command needs it.
     from provider.ops.doctor import format_results, run_checks
@@ -152,6 +170,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     path = config_path(args.config)
     settings = read_settings(path)
     log_file = _log_file(settings)
+    production = {
+        "protocol": setting(settings, "protocol", "v2"),
+        "provider_id": setting(settings, "provider_id"),
+        "referral_code": setting(settings, "referral_code"),
+        "compatibility_set_id": setting(settings, "compatibility_set_id"),
+        "binary_version": setting(settings, "advertised_binary_version"),
+        "model_id": setting(settings, "model_id"),
+        "max_concurrency": int(setting(settings, "max_concurrency", 1)),
+        "catalog_feed_url": setting(settings, "catalog_feed_url"),
+        "catalog_public_keys": settings.get("catalog_public_keys"),
+    }
     results = asyncio.run(
         run_checks(
             coordinator_url=setting(settings, "coordinator_url"),
@@ -161,10 +190,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             log_dir=log_file.parent if log_file else default_log_dir(),
             label=args.label,
             load_model=args.load,
+            production=production,
         )
     )
     print(format_results(results))
-    return 0 if all(r.ok for r in results) else 1
+    counted = [r for r in results if args.production or r.group != "production"]
+    return 0 if all(r.ok for r in counted) else 1
 
 
 # --------------------------------------------------------------------------
@@ -236,4 +267,9 @@ def register(subparsers: Any) -> None:
     _add_config(p)
     _add_label(p)
     p.add_argument("--load", action="store_true", help="also load the model (slow)")
+    p.add_argument(
+        "--production",
+        action="store_true",
+        help="exit non-zero when a production admission gate would fail",
+    )
     p.set_defaults(func=cmd_doctor)

@@ -243,6 +243,31 @@ def _holding_text(host: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _admission_rows(admission: Any) -> list[tuple[str, str]]:
+    """What the coordinator's admission and routing gates see (``status.admission``)."""
+    if not isinstance(admission, Mapping):
+        return []
+    registration = admission.get("registration") or {}
+    protocol = _text(admission.get("protocol"))
+    rows = [
+        ("protocol", f"{protocol}, binary version {_text(admission.get('binary_version'))}"),
+        ("auth state", _text(registration.get("auth_state"))),
+        ("model hash", _text(admission.get("model_hash") or admission.get("model_hash_error"))),
+    ]
+    catalog = admission.get("catalog")
+    if isinstance(catalog, Mapping):
+        text = f"release {_text(catalog.get('release_id'))}, row {_text(catalog.get('row'))}"
+        if catalog.get("hash_matches") is False:
+            text += (
+                f"; the row requires {_text(catalog.get('model_sha256'))}: connected but "
+                "never routed"
+            )
+        rows.append(("catalog", text))
+    else:
+        rows.append(("catalog", _text(admission.get("catalog_error"))))
+    return rows
+
+
 def format_status_table(status: Mapping[str, Any], *, now: float | None = None) -> str:
     """Render a ``/status`` dict as a two-column table for ``mlx-provider status``.
 
@@ -317,5 +342,6 @@ def format_status_table(status: Mapping[str, Any], *, now: float | None = None) 
             ("cpu / gpu", f"{_pct(host.get('cpu_pct'))} / {_pct(host.get('gpu_pct'))}"),
             ("holding back", _holding_text(host)),
         ]
+    rows += _admission_rows(status.get("admission"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

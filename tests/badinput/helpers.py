@@ -52,8 +52,9 @@ def wire_view(frame: FrameRecord) -> Any:
     return json.loads(frame.raw, object_hook=lambda d: SimpleNamespace(**d))
 
 
-def check_nak(case: FrameCase, frame: FrameRecord) -> None:
-    """``frame`` is the nak ``case`` must get: right type, code and mention.
+def check_nak(case: FrameCase, frame: FrameRecord, rid: str = "") -> None:
+    """``frame`` is the nak ``case`` (sent with request id ``rid``) must get:
+    right type, what it names, code and mention.
 
     Read from the wire when the stub's Go rules refused the nak (a control
     character in ``in_reply_to`` is refused there, and only logged).
@@ -61,7 +62,7 @@ def check_nak(case: FrameCase, frame: FrameRecord) -> None:
     nak = wire_view(frame)
     where = f"{case.label}: {nak!r}"[:600]
     assert frame.type == "nak", where
-    assert nak.in_reply_to == case.in_reply_to, where
+    assert nak.in_reply_to == case.reply_to(rid), where
     assert nak.error.code == case.code, where
     assert nak.error.message, where
     for mention in case.mentions:

@@ -212,7 +212,10 @@ _CONTENT = st.one_of(
     st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": edge_text(30)}), max_size=3),
 )
 _GOOD_MESSAGE = st.fixed_dictionaries(
-    {"role": st.sampled_from(ROLES), "content": _CONTENT}, optional={"name": edge_text(16)}
+    {"role": st.sampled_from([r for r in ROLES if r != "tool"]), "content": _CONTENT},
+    optional={"name": edge_text(16)},
+) | st.fixed_dictionaries(
+    {"role": st.just("tool"), "content": _CONTENT, "tool_call_id": edge_text(16).filter(bool)}
 )
 
 
@@ -343,10 +346,32 @@ def _wrong_messages(draw_: st.DrawFn) -> BadBody:
 
 @st.composite
 def _no_messages(draw_: st.DrawFn) -> BadBody:
-    extra = draw_(st.dictionaries(edge_text(8).filter(lambda k: k != "messages"), scalars()))
     # Known fields with valid values only, so `messages` is the first error.
-    extra = {k: v for k, v in extra.items() if k not in _WRONG_FIELD and k != "stop"}
+    extra = draw_(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "stream": st.booleans(),
+                "seed": st.integers(-(2**63), 2**63 - 1),
+                "user": edge_text(20),
+                "model": edge_text(20),
+            },
+        )
+    )
     return BadBody("no messages", dumps(extra, draw_(st.booleans())), missing="messages")
+
+
+@st.composite
+def _unknown_field(draw_: st.DrawFn) -> BadBody:
+    """A field OpenAI's API does not have: refused by name, as OpenAI refuses it."""
+    from provider.openai.request import FIELDS
+
+    name = draw_(
+        st.sampled_from(["logprobs_unknown_field", "\U0001f600", "ignore_eos", "best_of"])
+        | edge_text(8).filter(lambda k: k and k not in FIELDS and "`" not in k)
+    )
+    body = {"messages": draw_(_good_messages()), name: draw_(json_values(6))}
+    return BadBody(f"unknown field {name!r}", dumps(body, draw_(st.booleans())), path=name)
 
 
 @st.composite
@@ -406,6 +431,7 @@ def bad_bodies() -> st.SearchStrategy[BadBody]:
         _wrong_messages(),
         _wrong_messages(),
         _no_messages(),
+        _unknown_field(),
         _not_object(),
         _not_json(),
         _too_large(),
@@ -424,8 +450,8 @@ _OPTIONAL: dict[str, st.SearchStrategy[Any]] = {
     | st.lists(edge_text(8).filter(bool), max_size=MAX_STOP),
     "model": edge_text(20) | st.none(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
-    "logprobs_unknown_field": json_values(6),
-    "\U0001f600": json_values(6),
+    "user": edge_text(20),
+    "top_k": st.integers(-1, 100),
 }
 
 
@@ -454,7 +480,9 @@ def valid_bodies(draw_: st.DrawFn) -> ValidBody:
 # --------------------------------------------------------------------------
 # Frames at the provider
 
-Answer = Literal["nak", "end", "ack", "none"]
+#: ``ignored``: no answer at all (a frame of a type the provider does not
+#: know: a nak would make the coordinator stop routing to it).
+Answer = Literal["nak", "end", "ack", "none", "ignored"]
 
 #: Frames stay this far under the 4 MiB limit (room for the request id).
 FRAME_ROOM = MAX_FRAME_BYTES - 4096
@@ -468,7 +496,9 @@ class FrameCase:
     """One frame and the answer it must get.
 
     ``template`` is the frame; a JSON string ``"@@RID@@"`` in it is replaced
-    with a request id unique to the case (:meth:`render`).
+    with a request id unique to the case (:meth:`render`). ``in_reply_to``
+    is what a nak names; :data:`RID` there stands for that request id (a
+    frame with a usable ``request_id`` gets a nak naming the request).
     """
 
     label: str
@@ -491,6 +521,10 @@ class FrameCase:
         rid = f"{self.rid_prefix}#{index}"
         return self.template.replace(f'"{RID}"', dumps(rid, self.ascii_only)), rid
 
+    def reply_to(self, rid: str) -> str:
+        """The ``in_reply_to`` a nak must carry, for the rendered request id."""
+        return rid if self.in_reply_to == RID else self.in_reply_to
+
 
 #: Bad request ids: not strings, empty, or over 256 characters (even at four
 #: bytes a character).
@@ -500,7 +534,7 @@ _FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "inference_request": {
         "request_id": _RID_BAD,
         "stream": not_of(bool),
-        "body": not_of(str),
+        "body": not_of(str, type(None)),  # null is "no body": see _REQUIRED
     },
     "cancel_request": {"request_id": _RID_BAD, "reason": not_of(str)},
     "preflight": {
@@ -518,8 +552,10 @@ _FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "required_binary_version": not_of(str, type(None)),
     },
 }
+#: (``inference_request.body`` is optional on the wire: an encrypted request
+#: carries ``enc`` instead. A plain session naks a request without a body.)
 _REQUIRED = {
-    "inference_request": ("request_id", "stream", "body"),
+    "inference_request": ("request_id", "stream"),
     "cancel_request": ("request_id",),
     "preflight": ("request_id", "estimated_tokens"),
     "hello_ack": ("coordinator_version", "assigned_id"),
@@ -537,6 +573,12 @@ def _valid(kind: str) -> dict[str, Any]:
     }[kind]
 
 
+def _names(kind: str, broken: str) -> str:
+    """What the nak of a ``kind`` frame with ``broken`` field names: the request
+    when its id is usable, else the type."""
+    return kind if broken == "request_id" or "request_id" not in _FIELDS[kind] else RID
+
+
 @st.composite
 def _wrong_frame_field(draw_: st.DrawFn) -> FrameCase:
     kind = draw_(st.sampled_from(sorted(_FIELDS)))
@@ -549,7 +591,7 @@ def _wrong_frame_field(draw_: st.DrawFn) -> FrameCase:
         f"{kind}.{name} wrong",
         dumps(msg, ascii_only),
         "nak",
-        in_reply_to=kind,
+        in_reply_to=_names(kind, name),
         mentions=(f"`$.{name}`",),
         ascii_only=ascii_only,
     )
@@ -565,7 +607,7 @@ def _missing_frame_field(draw_: st.DrawFn) -> FrameCase:
         f"{kind}.{name} missing",
         dumps(msg, True),
         "nak",
-        in_reply_to=kind,
+        in_reply_to=_names(kind, name),
         mentions=(f"missing required field `{name}`",),
     )
 
@@ -579,8 +621,8 @@ def _unknown_type(draw_: st.DrawFn) -> FrameCase:
     return FrameCase(
         "unknown type",
         dumps(msg, ascii_only),
-        "nak",
-        in_reply_to=kind[:MAX_TYPE_ECHO] or "unknown",  # a nak echoes a bounded type
+        "ignored",
+        in_reply_to=kind[:MAX_TYPE_ECHO] or "unknown",  # what the decoder reports
         code="unknown_message_type",
         mentions=("unknown message type",),
     )
@@ -661,7 +703,7 @@ def _huge_number_frame(draw_: st.DrawFn) -> FrameCase:
     literal = draw_(st.sampled_from(["1e400", "-1e400", "1" + "0" * 5000, "-" + "9" * 5000]))
     frame = f'{{"type":"preflight","request_id":"{RID}","estimated_tokens":{literal}}}'
     return FrameCase(
-        "huge number", frame, "nak", in_reply_to="preflight", mentions=("`$.estimated_tokens`",)
+        "huge number", frame, "nak", in_reply_to=RID, mentions=("`$.estimated_tokens`",)
     )
 
 

@@ -2,9 +2,11 @@
 
 Hypothesis draws the batch (:func:`strategies.draw`) before the provider
 starts, so one provider takes every example; each frame must get its clear
-answer (a ``nak`` naming the problem, an end frame naming the bad field, a
-``preflight_ack``), and afterwards the session is the same one, nothing was
-dropped, no slot leaked and the provider is ``ready`` and still serves.
+answer (a ``nak`` naming the problem and, when the frame has a usable
+``request_id``, the request; an end frame naming the bad field; a
+``preflight_ack``; nothing, for a type the provider does not know), and
+afterwards the session is the same one, nothing was dropped, no slot leaked
+and the provider is ``ready`` and still serves.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from coordinator_stub.app import CoordinatorStub
-from provider.coordinator.messages import MAX_FRAME_BYTES, MAX_TYPE_ECHO
+from provider.coordinator.messages import MAX_FRAME_BYTES
 from provider.logs import JsonFormatter
 from tests.session.conftest import PID, provider_config, running
 from tests.session.scripted_engine import ScriptedEngine
@@ -42,6 +44,11 @@ def _body(**fields: Any) -> str:
 def _bad_body(label: str, body: str, *mentions: str) -> FrameCase:
     frame = _request(body, ascii_only=body.isascii())
     return FrameCase(label, frame, "end", mentions=mentions, statuses=("error_*",))
+
+
+def _ignored(label: str, frame: str) -> FrameCase:
+    """A frame of a type the provider does not know: logged, no answer."""
+    return FrameCase(label, frame, "ignored", code="unknown_message_type")
 
 
 def _nak(
@@ -85,38 +92,24 @@ EXPLICIT = [
     _nak(
         "huge estimated_tokens literal",
         f'{{"type":"preflight","request_id":"{RID}","estimated_tokens":1e400}}',
-        "preflight",
+        RID,  # the nak names the request
         "`$.estimated_tokens`",
     ),
     _nak("lone surrogate escaped", '{"type":"cancel_request","request_id":"\\ud800"}'),
     _nak("lone low surrogate escaped", '{"type":"\\udfff"}'),
-    _nak(
-        "NUL in type",
-        dumps({"type": "\x00"}, True),
-        "\x00",
-        "unknown message type",
-        code="unknown_message_type",
+    _ignored("NUL in type", dumps({"type": "\x00"}, True)),
+    _ignored("RTL type", dumps({"type": "\u202edrain"}, False)),
+    _ignored("emoji type", dumps({"type": "\U0001f600"}, True)),
+    _ignored("1 MiB type", dumps({"type": "t" * 2**20}, True)),
+    _ignored(
+        "unknown type with a request id",
+        dumps({"type": "future_feature", "request_id": RID, "x": 1}, True),
     ),
     _nak(
-        "RTL type",
-        dumps({"type": "\u202edrain"}, False),
-        "\u202edrain",
-        "unknown message type",
-        code="unknown_message_type",
-    ),
-    _nak(
-        "emoji type",
-        dumps({"type": "\U0001f600"}, True),
-        "\U0001f600",
-        "unknown message type",
-        code="unknown_message_type",
-    ),
-    _nak(
-        "1 MiB type",
-        dumps({"type": "t" * 2**20}, True),
-        "t" * MAX_TYPE_ECHO,  # the nak echoes a bounded type
-        "unknown message type",
-        code="unknown_message_type",
+        "body missing (plain session)",
+        f'{{"type":"inference_request","request_id":"{RID}","stream":false}}',
+        RID,
+        "missing required field `body`",
     ),
     _nak(
         "request_id 300k",
@@ -142,7 +135,7 @@ EXPLICIT = [
             },
             True,
         ),
-        "inference_request",
+        "x",  # the nak names the request
         "`$.body`",
     ),
     _nak("binary garbage", b"\x00\xff\xfe garbage"),
@@ -173,10 +166,10 @@ async def test_hypothesis_frames_all_answered_session_survives(stub: Coordinator
         assert sentinel.accepted, sentinel
 
         naks = [f for f in stub.frames_received(PID, "nak") if f.time >= start]
-        expected_naks = [case for case, _ in sent if case.answer == "nak"]
+        expected_naks = [(case, rid) for case, rid in sent if case.answer == "nak"]
         assert len(naks) == len(expected_naks)
-        for case, frame in zip(expected_naks, naks, strict=True):
-            check_nak(case, frame)
+        for (case, rid), frame in zip(expected_naks, naks, strict=True):
+            check_nak(case, frame, rid)
 
         by_rid = {rid: case for case, rid in sent if rid and case.answer in ("end", "ack")}
 
@@ -212,12 +205,10 @@ async def test_hypothesis_frames_all_answered_session_survives(stub: Coordinator
         assert session.jobs.running == {}
         assert run.agent.state.in_flight == 0 and run.agent.state.slots_free == SLOTS
         assert run.agent.state.state == "ready"
-        # The provider naks unknown types with code unknown_message_type, which the
-        # real coordinator reads as "no WebSocket requests" for the whole session
-        # (httpOnly; issue 14, PROTO). Forget that here to check the session serves.
+        # Unknown types are ignored, never nak'd unknown_message_type: the real
+        # coordinator would take the session off WebSocket routing for good.
         record = stub.provider(PID)
-        assert record is not None and record.http_forwarding_only
-        record.http_forwarding_only = False
+        assert record is not None and not record.http_forwarding_only
         stub.ws.session(PID).http_only = False
         async with aiohttp.ClientSession() as http:
             status, text, _ = await post_chat(http, stub, json.dumps(GOOD_BODY))
@@ -267,11 +258,18 @@ async def test_deeply_nested_body_gets_an_end_frame(stub: CoordinatorStub) -> No
     await _answered_in_place(stub, frame, "inference_response_end")
 
 
-async def test_unknown_type_near_the_frame_limit_gets_a_nak_within_it(
-    stub: CoordinatorStub,
-) -> None:
+async def test_unknown_type_near_the_frame_limit_is_ignored(stub: CoordinatorStub) -> None:
+    # No nak: the coordinator stops routing to a session that naks
+    # unknown_message_type, and an unknown type is an optional feature.
     frame = dumps({"type": "t" * (MAX_FRAME_BYTES - 64)}, True)
-    await _answered_in_place(stub, frame, "nak")
+    async with running(provider_config(stub), ScriptedEngine(tokens=2, step_s=0.0)) as run:
+        await stub.wait_provider_state(PID, "ready")
+        start = time.monotonic()
+        await stub.send_raw(PID, frame)
+        # Frames are handled in order: once this is answered, the other was handled.
+        await asyncio.wait_for(stub.preflight(PID, 1), 10)
+        assert [f for f in stub.frames_received(PID, "nak") if f.time >= start] == []
+        assert stub.drops == [] and not run.task.done()
 
 
 class _Lines(logging.Handler):
@@ -295,9 +293,13 @@ async def test_nak_log_line_is_bounded(stub: CoordinatorStub) -> None:
         async with running(provider_config(stub), ScriptedEngine(tokens=2, step_s=0.0)):
             await stub.wait_provider_state(PID, "ready")
             await stub.send_raw(PID, dumps({"type": "t" * 2**20}, True))
+            huge = {"type": "preflight", "request_id": "t" * 2**20, "estimated_tokens": "t" * 2**20}
+            await stub.send_raw(PID, dumps(huge, True))
             await stub.wait_frame(PID, "nak")
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
     naks = [line for line in handler.lines if '"msg": "nak ' in line]
-    assert naks and max(len(line) for line in naks) < 16 * 1024
+    ignored = [line for line in handler.lines if "ignoring unknown message type" in line]
+    assert naks and ignored
+    assert max(len(line) for line in naks + ignored) < 16 * 1024

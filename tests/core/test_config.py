@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from provider.config import ConfigError, ensure_provider_id, load_config, persist_keys
+from provider.config import (
+    MIN_TOKEN_LENGTH,
+    ConfigError,
+    ensure_provider_id,
+    load_config,
+    persist_keys,
+)
 
 URL = "ws://127.0.0.1:9/ws/provider"
 
@@ -87,14 +93,14 @@ def test_missing_required_names_fix() -> None:
 def test_token_file_with_wide_mode_is_refused(tmp_path: Path) -> None:
     f = write(
         tmp_path / "c.toml",
-        f'coordinator_url = "{URL}"\nmodel = "m"\nprovider_token = "s3cret"\n',
+        f'coordinator_url = "{URL}"\nmodel = "m"\nprovider_token = "s3cret_0123456789ab"\n',
         0o644,
     )
     with pytest.raises(ConfigError) as err:
         load_config(f, environ={})
-    assert f"chmod 600 {f}" in str(err.value) and "s3cret" not in str(err.value)
+    assert f"chmod 600 {f}" in str(err.value) and "s3cret_0123456789ab" not in str(err.value)
     os.chmod(f, 0o600)
-    assert load_config(f, environ={})[0].provider_token == "s3cret"
+    assert load_config(f, environ={})[0].provider_token == "s3cret_0123456789ab"
 
 
 def test_persist_keys_is_atomic_and_keeps_the_rest(tmp_path: Path) -> None:
@@ -130,3 +136,30 @@ def test_memory_and_speed_keys(tmp_path: Path) -> None:
     defaults, _ = load_config(None, environ={}, overrides={"coordinator_url": URL, "model": "x"})
     assert defaults.prompt_cache_bytes is None and defaults.memory_budget_bytes is None
     assert defaults.kv_bits is None and defaults.prompt_lookup == "auto"
+
+
+@pytest.mark.parametrize("token", ["t", "ok", "x" * (MIN_TOKEN_LENGTH - 1)])
+def test_short_token_is_refused_at_start_with_the_reason(token: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, environ={}, overrides={"coordinator_url": URL, "model": "m",
+                                                 "provider_token": token})  # fmt: skip
+    message = str(err.value)
+    assert message.startswith(f"provider_token: {len(token)} characters is too short")
+    assert f"at least {MIN_TOKEN_LENGTH}" in message and "redact" in message
+    assert f" {token} " not in message and repr(token) not in message
+
+
+@pytest.mark.parametrize("token", ["tok_0123456789abcdef\n", "tok 0123456789abcdef", "tok\x00" * 5])
+def test_token_with_whitespace_or_control_characters_is_refused(token: str) -> None:
+    env = {"MLX_PROVIDER_PROVIDER_TOKEN": token}
+    with pytest.raises(ConfigError, match="whitespace or control characters"):
+        load_config(None, environ=env, overrides={"coordinator_url": URL, "model": "m"})
+
+
+def test_token_floor_covers_the_log_redaction_floor() -> None:
+    from provider.logs import MIN_SECRET_LENGTH
+
+    assert MIN_TOKEN_LENGTH >= MIN_SECRET_LENGTH
+    config, _ = load_config(None, environ={}, overrides={"coordinator_url": URL, "model": "m",
+                                                         "provider_token": "a" * 64})  # fmt: skip
+    assert config.provider_token == "a" * 64

@@ -22,7 +22,8 @@ PROVIDER_MESSAGES: list[msgspec.Struct] = [
         throughput_tps_estimate=55.5,
         binary_version="0.1.0",
         attestation=None,
-        model_hash="abc",
+        model_hash="ab" * 32,
+        model_hash_algorithm="macprovider.snapshot-manifest.v1",
         model_load_time_ms=12,
         supported_models=["m"],
     ),
@@ -54,11 +55,11 @@ PROVIDER_MESSAGES: list[msgspec.Struct] = [
         request_id="r1",
         status="complete",
         chunks_sent=3,
-        usage=p.Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7),
+        usage=p.EndUsage(prompt_tokens=5, completion_tokens=2, total_tokens=7),
         terminal_state_ts_unix_ms=1,
     ),
     p.PreflightAck(request_id="r2", accepted=False, reason="queue_full", max_context_tokens=9),
-    p.DrainStatus(phase="in_progress", inflight_requests=2, estimated_drain_seconds=1.5),
+    p.DrainStatus(phase="in_progress", inflight_requests=2, estimated_drain_seconds=2),
     p.Nak(in_reply_to="bogus", error=p.NakError(code="unknown_message_type", message="?")),
 ]
 COORDINATOR_MESSAGES: list[msgspec.Struct] = [
@@ -135,12 +136,13 @@ def test_chat_request_limits() -> None:
     ok = decode_chat_request(
         b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],'
         b'"max_completion_tokens":5,"stop":"x","stream":true,'
-        b'"stream_options":{"include_usage":true},"unknown_field":1}'
+        b'"stream_options":{"include_usage":true}}'
     )
     assert ok.messages[0].text() == "hi" and ok.token_limit() == 5
     assert ok.stop_list() == ["x"] and ok.include_usage()
     for body, field in [
         (b'{"messages":[]}', "$.messages"),
+        (b'{"messages":[{"role":"user","content":"x"}],"unknown_field":1}', "$.unknown_field"),
         (b'{"messages":[{"role":"user","content":"x"}],"n":2}', "$.n"),
         (b'{"messages":[{"role":"user","content":"x"}],"temperature":3}', "$.temperature"),
         (b'{"messages":[{"role":"robot","content":"x"}]}', "$.messages[0].role"),

@@ -15,6 +15,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import aiohttp
 import pytest
 
 from coordinator_stub.app import CoordinatorStub
+from provider import agent as agent_module
 from tests.session.conftest import (
     PID,
     Running,
@@ -90,7 +92,10 @@ async def test_half_open_path_is_detected_and_left_within_20s(
         proxy = BlackholeProxy("127.0.0.1", stub.ws_port)
         await proxy.start()
         url = f"ws://127.0.0.1:{proxy.port}/ws/provider"
-        engine = ScriptedEngine(tokens=1_000_000, step_s=0.002, words=("y" * 200,))
+        # A fast flood (~4 MB/s): the send buffers fill within a second of the
+        # black hole, so the bounded send trips 5 s later. A slow one would let
+        # TCP_USER_TIMEOUT end the closed window first (15 s, see reliability.md).
+        engine = ScriptedEngine(tokens=1_000_000, step_s=0.0005, words=("y" * 2000,))
         try:
             async with running(provider_config(stub, coordinator_url=url), engine) as run:
                 await stub.wait_provider_state(PID, "ready")
@@ -105,10 +110,59 @@ async def test_half_open_path_is_detected_and_left_within_20s(
                     timeout=20,
                     what="registered again through a healthy path",
                 )
+                # The bounded send (5 s) ends it, long before the watchdog (15 s).
                 assert loop.time() - holed_at <= 20
                 assert proxy.accepted >= 2
-                assert run.agent.reconnects[-1]["cause"] in ("send_timeout", "watchdog")
+                assert run.agent.reconnects[-1]["cause"] == "send_timeout"
                 assert run.agent.totals["cancelled"] == 1  # the in-flight job ended, accounted
+                await assert_sound(stub, run, caplog)
+                buyer.cancel()
+                await asyncio.gather(buyer, return_exceptions=True)
+        finally:
+            await proxy.stop()
+
+
+@pytest.mark.slow
+async def test_watchdog_ends_a_path_that_neither_completes_sends_nor_delivers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Only the watchdog is left to end this path: the bounded send is set
+    # above the watchdog's 15 s, and TCP_USER_TIMEOUT is turned off on the
+    # socket (on Linux it also ends a zero window after the same 15 s, and
+    # which of the two fired first would be a race).
+    caplog.set_level(logging.INFO)
+    async with CoordinatorStub(stub_config(heartbeat_interval_s=1)) as stub:
+        proxy = BlackholeProxy("127.0.0.1", stub.ws_port)
+        await proxy.start()
+        url = f"ws://127.0.0.1:{proxy.port}/ws/provider"
+        engine = ScriptedEngine(tokens=1_000_000, step_s=0.0005, words=("w" * 2000,))
+        config = provider_config(stub, coordinator_url=url, send_timeout_s=60.0)
+        try:
+            async with running(config, engine) as run:
+                await stub.wait_provider_state(PID, "ready")
+                first = stub.session(PID)
+                assert run.session is not None
+                sock = run.session.ws.transport.get_extra_info("socket")
+                user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
+                if user_timeout is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, user_timeout, 0)
+                buyer = asyncio.create_task(buy(stub.http_url, chat("flood", stream=True)))
+                await stub.wait_frame(PID, "inference_response_chunk", where=is_buyer)
+                loop = asyncio.get_running_loop()
+                holed_at = loop.time()
+                assert proxy.blackhole() == 1
+                await stub.wait_for(
+                    lambda: stub.session(PID) not in (None, first) and stub.state(PID) == "ready",
+                    timeout=40,
+                    what="registered again through a healthy path",
+                )
+                took = loop.time() - holed_at
+                lost = run.agent.reconnects[-1]
+                assert lost["cause"] == "watchdog", lost
+                silent = float(lost["detail"].split(" for ")[1].removesuffix(" s"))
+                assert 15.0 < silent < 20.0, lost
+                assert 15.0 < took < 30.0
+                assert run.agent.totals["cancelled"] == 1
                 await assert_sound(stub, run, caplog)
                 buyer.cancel()
                 await asyncio.gather(buyer, return_exceptions=True)
@@ -242,13 +296,16 @@ async def test_duplicated_frames_give_one_end_per_request(
         await stub.wait_provider_state(PID, "ready")
         stub.duplicate_frames(True)
         results = await asyncio.gather(*(buy(stub.http_url, chat(f"q{i}")) for i in range(3)))
+        # The copy of a request that is running is ignored: a duplicate_request_id
+        # nak naming it would make the coordinator fail the request it waits for.
+        # A copy arriving after the end is nak'd, which fails nothing.
         assert [code for code, _ in results] == [200, 200, 200]
-        await stub.wait_for(
-            lambda: len(stub.frames_received(PID, "nak")) >= 3, what="naks for the duplicates"
-        )
-        assert {f.message.error.code for f in stub.frames_received(PID, "nak")} == {
-            "duplicate_request_id"
-        }
+        ends = stub.frames_received(PID, "inference_response_end")
+        assert len(ends) == len({f.message.request_id for f in ends})
+        ended_at = {f.message.request_id: f.time for f in ends}
+        for nak in stub.frames_received(PID, "nak"):
+            assert nak.message.error.code == "duplicate_request_id"
+            assert nak.time > ended_at[nak.message.in_reply_to]
         stub.duplicate_frames(False)
         await assert_sound(stub, run, caplog)
 
@@ -274,19 +331,40 @@ async def test_out_of_order_cancel_before_request_and_after_end(
         await assert_sound(stub, run, caplog)
 
 
-async def test_drain_during_warm_up_exits_0(
-    stub: CoordinatorStub, caplog: pytest.LogCaptureFixture
+async def test_drain_during_warm_up_completes(
+    stub: CoordinatorStub, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A coordinator's drain completes, then the agent comes back (it is not a
+    # shutdown); a signal's drain completes and exits 0.
+    monkeypatch.setattr(agent_module, "COORDINATOR_DRAIN_RECONNECT_S", 0.3)
     # The coordinator's warm_up runs a tiny generation; make it slow.
     engine = ScriptedEngine(tokens=2, step_s=0.5)
+
+    def warming_up(f: Any) -> bool:
+        return f.message.reason == "warming_up"
+
+    def phases() -> list[str]:
+        return [drain_phase(f) for f in stub.frames_received(PID, "drain_status")]
+
     async with running(provider_config(stub), engine) as run:
         await stub.wait_provider_state(PID, "ready", timeout=10)
         await stub.warm_up(PID)
-        await stub.wait_frame(PID, "state_update", where=lambda f: f.message.reason == "warming_up")
+        await stub.wait_frame(PID, "state_update", where=warming_up)
         await stub.drain(PID)
+        await stub.wait_for(
+            lambda: len(stub.frames_received(PID, "hello")) == 2,
+            timeout=15,
+            what="a new registration after the coordinator's drain",
+        )
+        assert phases()[-1] == "complete" and not run.task.done()
+        await stub.wait_provider_state(PID, "ready", timeout=10)
+
+        since = time.monotonic()
+        await stub.warm_up(PID)
+        await stub.wait_frame(PID, "state_update", where=warming_up, since=since)
+        run.agent.request_drain("SIGTERM")
         assert await asyncio.wait_for(run.task, 10) == 0
-        phases = [drain_phase(f) for f in stub.frames_received(PID, "drain_status")]
-        assert phases[-1] == "complete"
+        assert phases()[-1] == "complete"
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
@@ -300,9 +378,20 @@ async def test_sigterm_during_prefill_finishes_the_job_and_exits_0(
     )  # fmt: skip
     try:
         await stub.wait_provider_state("prov-sub", "ready", timeout=20)
+        seen = len(stub.frames_received("prov-sub", "state_update"))
         job = asyncio.create_task(buy(stub.http_url, chat("[block] long prompt")))
         await stub.wait_sent(
             "prov-sub", "inference_request", where=lambda f: "[block]" in f.message.body
+        )
+        # Sent is not started: a SIGTERM before the provider read the request
+        # would refuse it (draining). Its one slot going busy says it started.
+        await stub.wait_for(
+            lambda: any(
+                f.message.state == "busy"
+                for f in stub.frames_received("prov-sub", "state_update")[seen:]
+            ),
+            timeout=20,
+            what="the job started",
         )
         proc.send_signal(signal.SIGTERM)  # mid-prefill: the engine thread is computing
         assert await asyncio.wait_for(proc.wait(), 20) == 0

@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator_stub.app import CoordinatorStub
-from provider.logs import LOGGER_NAME, REDACTED, get_logger, setup_logging
+from provider.logs import LOGGER_NAME, MIN_SECRET_LENGTH, REDACTED, get_logger, setup_logging
 from provider.openai.request import ChatCompletionRequest
 from provider.ops.status_server import StatusServer
 from tests.session.conftest import PID, provider_config, running, stub_config
@@ -72,7 +72,9 @@ async def test_token_never_in_logs_status_or_metrics(log_text: io.StringIO) -> N
                 assert response.status == 200
             async with http.post(url, json=chat("[explode]")) as response:
                 assert response.status == 500  # error_internal, retryable
-            await stub.send_raw(PID, '{"type":"no_such_message","token":"x"}')
+            await stub.send_raw(
+                PID, '{"type":"preflight","request_id":"p","estimated_tokens":"x","token":"x"}'
+            )
             await stub.wait_frame(PID, "nak")
             await stub.send_raw(
                 PID,
@@ -183,7 +185,7 @@ def test_exception_holding_the_token_is_redacted(as_json: bool) -> None:
 @given(
     token=st.text(
         alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~+/=",
-        min_size=8,
+        min_size=MIN_SECRET_LENGTH,
         max_size=64,
     ),
     before=st.text(max_size=20),

@@ -6,9 +6,23 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
-from provider.logs import LOGGER_NAME, default_log_dir, get_logger, setup_logging
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from provider.logs import (
+    LOGGER_NAME,
+    MIN_SECRET_LENGTH,
+    RedactingFilter,
+    add_secret,
+    default_log_dir,
+    get_logger,
+    secret_forms,
+    setup_logging,
+)
 
 TOKEN = "tok_live_5f3a9c0d2e7b41"
+FIXED = {"deadline": None, "derandomize": True, "database": None}
 
 
 class TTY(io.StringIO):
@@ -141,3 +155,83 @@ def test_library_warnings_are_formatted_and_redacted() -> None:
     [entry] = lines(out)
     assert entry["logger"] == "websockets.client"
     assert entry["msg"] == "handshake with *** failed"
+
+
+# --------------------------------------------------------------------------
+# Redaction: short secrets refused, every spelling of a token redacted
+
+
+def test_short_secrets_are_refused_with_the_reason() -> None:
+    for short in ("t", "ok", "x" * (MIN_SECRET_LENGTH - 1)):
+        with pytest.raises(ValueError, match=f"at least {MIN_SECRET_LENGTH}"):
+            setup_logging(stream=io.StringIO(), secrets=[short])
+        with pytest.raises(ValueError, match="mangling"):
+            RedactingFilter([short])
+    setup_logging(stream=io.StringIO(), secrets=[TOKEN])
+    with pytest.raises(ValueError, match=f"at least {MIN_SECRET_LENGTH}"):
+        add_secret("ok")
+
+
+def test_a_word_is_not_mangled_by_redaction() -> None:
+    out = io.StringIO()
+    setup_logging(stream=out, secrets=[TOKEN])
+    get_logger().info("request completed ok")
+    assert lines(out)[0]["msg"] == "request completed ok"
+
+
+def test_escaped_spellings_are_redacted() -> None:
+    # A backslash, a quote and a non-ASCII letter: repr, ascii and JSON each
+    # spell this token differently from its plain text.
+    token = 'tok\\en"with\'q\u00e9_0123456789'
+    out = TTY()
+    setup_logging(stream=out, secrets=[token], json=True)
+    log = get_logger("session")
+    log.info("repr %r", token)
+    log.info("ascii %s", ascii(token))
+    log.info("json %s", json.dumps({"t": token}))
+    log.info("json utf-8 %s", json.dumps({"t": token}, ensure_ascii=False))
+    log.info("frame %r", json.dumps({"t": token}))
+    log.info("bytes %r", token.encode())
+    log.info("list %s", [token])
+    text = out.getvalue()
+    for form in secret_forms(token):
+        assert form not in text
+    messages = [entry["msg"] for entry in lines(out)]
+    assert all("***" in m for m in messages), messages
+    assert "tok" not in "".join(messages)
+
+
+def _leaks(token: str, text: str) -> list[str]:
+    return [form for form in secret_forms(token) if form in text]
+
+
+@settings(max_examples=300, **FIXED)
+@given(
+    token=st.text(min_size=MIN_SECRET_LENGTH, max_size=40),
+    before=st.text(max_size=12),
+    after=st.text(max_size=12),
+)
+def test_no_spelling_of_any_token_reaches_a_line(token: str, before: str, after: str) -> None:
+    around = f"{before}{token}{after}"
+    for json_lines in (True, False):
+        out = TTY()
+        setup_logging(stream=out, secrets=[token], json=json_lines)
+        log = get_logger("prop")
+        log.info("%s", around)
+        log.info("%r", around)
+        log.info("%s", ascii(around))
+        log.info("%s", json.dumps(around))
+        log.info("%s", json.dumps(around, ensure_ascii=False))
+        log.info("%r", json.dumps({"frame": around}))
+        log.info("%r", around.encode(errors="replace"))
+        log.info("extra", extra={"value": around, "nested": {"k": [around]}})
+        try:
+            raise ValueError(around)
+        except ValueError:
+            log.exception("failed")
+        text = out.getvalue()
+        assert _leaks(token, text) == []
+        if json_lines:
+            # split("\n"), not splitlines(): U+2028 and U+0085 stay inside a JSON line.
+            for line in filter(None, text.split("\n")):
+                assert _leaks(token, json.dumps(json.loads(line), ensure_ascii=False)) == []

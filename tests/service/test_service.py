@@ -22,12 +22,22 @@ LABEL = "com.mlx-provider.agent"
 TARGET = f"gui/{UID}/{LABEL}"
 
 # A launchctl that remembers whether the service is loaded, like the real one.
+# Like the real one, bootout returns while the job is still exiting (it
+# drains first): the job stays loaded for $BOOTOUT_LINGER more `print` calls
+# (default 0), and a bootstrap meanwhile fails with "5: Input/output error".
 FAKE_LAUNCHCTL = r"""
 loaded="$(dirname "$0")/launchctl.loaded"
+linger="$(dirname "$0")/launchctl.linger"
 case "$1" in
 print)
+    if [ -f "$linger" ]; then
+        left=$(cat "$linger")
+        if [ "$left" -le 0 ]; then rm -f "$linger" "$loaded"
+        else echo $((left - 1)) > "$linger"; fi
+    fi
     [ -f "$loaded" ] || { echo "Could not find service \"$2\"" >&2; exit 113; }
-    printf '%s = {\n\tstate = running\n\tpid = 4321\n\tlast exit code = 0\n}\n' "$2";;
+    state=running; [ -f "$linger" ] && state=exiting
+    printf '%s = {\n\tstate = %s\n\tpid = 4321\n\tlast exit code = 0\n}\n' "$2" "$state";;
 bootstrap)
     [ -f "$loaded" ] && { echo "Bootstrap failed: 5: Input/output error" >&2; exit 5; }
     msg="Bootstrap failed: 125: Domain does not support specified action"
@@ -35,7 +45,9 @@ bootstrap)
     touch "$loaded";;
 bootout)
     [ -f "$loaded" ] || { echo "Boot-out failed: 3: No such process" >&2; exit 3; }
-    rm "$loaded";;
+    [ -f "$linger" ] && exit 0
+    if [ "${BOOTOUT_LINGER:-0}" -gt 0 ]; then echo "$BOOTOUT_LINGER" > "$linger"
+    else rm "$loaded"; fi;;
 esac
 exit 0
 """
@@ -171,9 +183,52 @@ def test_install_again_is_idempotent_and_reloads(
     assert read_calls(launchctl) == [
         ["print", TARGET],
         ["bootout", TARGET],
+        ["print", TARGET],  # gone: bootstrap at once
         ["bootstrap", f"gui/{UID}", str(plist_path(home))],
         ["kickstart", TARGET],
     ]
+
+
+def test_reinstall_waits_until_the_draining_job_is_gone(
+    launchctl: Path,
+    home: Path,
+    config: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert service.install(config, **mac(home=home)) == 0
+    launchctl.unlink()
+    capsys.readouterr()
+    # The running agent drains after bootout: launchd still lists it for 3 polls.
+    monkeypatch.setenv("BOOTOUT_LINGER", "3")
+    monkeypatch.setattr(service, "BOOTOUT_POLL_S", 0.01)
+    assert service.install(config, **mac(home=home)) == 0, capsys.readouterr().err
+    calls = read_calls(launchctl)
+    assert calls[:2] == [["print", TARGET], ["bootout", TARGET]]
+    # Polled until `print` stopped finding it, and only then bootstrapped.
+    assert calls[2:6] == [["print", TARGET]] * 4
+    assert calls[6:] == [["bootstrap", f"gui/{UID}", str(plist_path(home))], ["kickstart", TARGET]]
+    out = capsys.readouterr().out
+    assert "waiting for the running agent to finish its jobs and exit (up to 340 s)" in out
+
+
+def test_reinstall_gives_up_on_a_job_that_never_goes(
+    launchctl: Path,
+    home: Path,
+    config: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert service.install(config, **mac(home=home)) == 0
+    launchctl.unlink()
+    capsys.readouterr()
+    monkeypatch.setenv("BOOTOUT_LINGER", "1000000")
+    monkeypatch.setattr(service, "BOOTOUT_POLL_S", 0.05)
+    assert service.install(config, bootout_timeout_s=0.6, **mac(home=home)) == 1
+    err = capsys.readouterr().err
+    assert f"error: {LABEL} is still loaded 0.6 s after `launchctl bootout`" in err
+    assert f"`launchctl print {TARGET}` no longer finds it" in err
+    assert "bootstrap" not in {call[0] for call in read_calls(launchctl)}
 
 
 def test_install_over_a_different_plist_shows_the_diff(
@@ -201,6 +256,7 @@ def test_install_dry_run_touches_nothing(
     assert "<key>KeepAlive</key>" in out
     assert f"would create directory {home / 'Library/Logs/mlx-provider'}" in out
     assert f"would run: launchctl bootout {TARGET}" in out
+    assert "would wait until it is gone (up to 340 s)" in out
     assert f"would run: launchctl bootstrap gui/{UID} {plist_path(home)}" in out
     assert f"would run: launchctl kickstart {TARGET}" in out
 

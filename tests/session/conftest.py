@@ -48,6 +48,9 @@ def provider_config(stub: CoordinatorStub | str, **overrides: Any) -> Config:
         "status_port": 0,
         "backoff_initial_s": 0.05,
         "backoff_max_s": 0.5,
+        # The stub in this tree speaks v1 only; the lead switches this to v2
+        # once the stub's v2 side is merged.
+        "protocol": "v1",
     }
     return msgspec.convert(base | overrides, Config)
 

@@ -24,7 +24,7 @@ def main() -> int:
         None,
         environ={},
         overrides={"coordinator_url": args.url, "model": "scripted", "provider_id": "prov-sub",
-                   "status_port": 0},
+                   "status_port": 0, "protocol": "v1"},
     )  # fmt: skip
     engine = ScriptedEngine(tokens=args.tokens, step_s=args.step, block_s=args.block)
     return asyncio.run(serve(config, engine=engine))

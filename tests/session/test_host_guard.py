@@ -109,7 +109,9 @@ async def test_critical_memory_pressure_pauses_and_recovers_without_failing_a_jo
         holding = run.agent.status()["host"]["holding_back"]
         assert holding == [{"reason": "memory_pressure_critical", "slot_limit": 0}]
         diagnostic = await stub.wait_frame(
-            PID, "diagnostic_status", where=lambda f: "memory_pressure_critical" in f.message.optional.get("reason", "")
+            PID,
+            "diagnostic_status",
+            where=lambda f: "memory_pressure_critical" in f.message.optional.get("reason", ""),
         )
         assert check_diagnostic_status(diagnostic.raw) == []
         assert json.loads(diagnostic.raw)["memory_pressure"] == "critical"
