@@ -286,3 +286,38 @@ async def test_a_real_second_turn_reuses_the_first_turn_and_its_answer(smollm2_d
             await engine.close()
     assert texts["cached"] == texts["plain"]
     assert "Paris" in texts["cached"][0] and "Rome" in texts["cached"][1]
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+async def test_logits_processors_see_the_cached_prompt_too(
+    make_engine: MakeEngine, concurrency: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Penalties read the tokens so far, prompt included (repetition: the last
+    # 20). The same request twice: the second time all of its prompt but the
+    # last token comes from the cache, and the processors must still see it.
+    import provider.engine.mlx as mlx_module
+
+    seen: list[int] = []
+
+    def recording(tokens: object, logits: object) -> object:
+        seen.append(len(tokens))  # type: ignore[arg-type]
+        return logits
+
+    options = mlx_module.request_options
+
+    def with_recorder(*args: object, **kwargs: object) -> dict:
+        out = options(*args, **kwargs)  # type: ignore[arg-type]
+        out["logits_processors"] = [recording]
+        return out
+
+    monkeypatch.setattr(mlx_module, "request_options", with_recorder)
+    engine = await make_engine(max_concurrency=concurrency, ignore_eos=True, prompt_lookup="off")
+    body = request([("user", "red green blue red green blue")], max_tokens=3)
+    first = await collect(engine, body)
+    prompt = first[-1].prompt_tokens
+    assert seen[:3] == [prompt, prompt + 1, prompt + 2]
+    seen.clear()
+    again = await collect(engine, body)
+    assert again[-1].cached_tokens == prompt - 1
+    assert seen[:3] == [prompt, prompt + 1, prompt + 2]
+    assert text_of(again) == text_of(first)
