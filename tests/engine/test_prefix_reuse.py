@@ -263,29 +263,33 @@ async def test_a_wait_for_memory_past_the_limit_is_refused_queue_full(
 @pytest.mark.slow
 async def test_a_real_second_turn_reuses_the_first_turn_and_its_answer(smollm2_dir: Path) -> None:
     """SmolLM2: the answer's tokens come back through the chat template as they were
-    generated, so the second turn reuses the first prompt *and* the answer; and the
-    greedy text is the same with the cache or without."""
-    texts: dict[str, list[str]] = {}
-    for name, cache_bytes in (("cached", None), ("plain", 0)):
-        engine = MlxEngine(
-            smollm2_dir, prompt_cache_bytes=cache_bytes, prompt_lookup="off", record_token_ids=True
-        )
-        await engine.load()
-        try:
-            turns = [("user", "What is the capital of France? One short sentence.")]
-            first = await collect(engine, request(turns, max_tokens=10), request_id="t1")
-            turns += [("assistant", text_of(first)), ("user", "And of Italy?")]
-            second = await collect(engine, request(turns, max_tokens=10), request_id="t2")
-            texts[name] = [text_of(first), text_of(second)]
-            if name == "cached":
-                answered = first[-1].prompt_tokens + len(engine.last_stats["t1"].token_ids)
-                assert second[-1].cached_tokens >= answered
-            else:
-                assert second[-1].cached_tokens == 0
-        finally:
-            await engine.close()
-    assert texts["cached"] == texts["plain"]
-    assert "Paris" in texts["cached"][0] and "Rome" in texts["cached"][1]
+    generated, so the second turn reuses the first prompt *and* the answer; and its
+    greedy tokens are mlx-lm's for the whole prompt, prefilled from scratch."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    engine = MlxEngine(smollm2_dir, prompt_lookup="off", record_token_ids=True)
+    await engine.load()
+    try:
+        turns = [("user", "What is the capital of France? One short sentence.")]
+        first = await collect(engine, request(turns, max_tokens=10), request_id="t1")
+        turns += [("assistant", text_of(first)), ("user", "And of Italy?")]
+        second_request = request(turns, max_tokens=10)
+        second = await collect(engine, second_request, request_id="t2")
+        answered = first[-1].prompt_tokens + len(engine.last_stats["t1"].token_ids)
+        assert second[-1].cached_tokens >= answered
+        assert "Paris" in text_of(first) and "Rome" in text_of(second)
+        prompt = engine._encode(second_request)
+        cached_tokens = engine.last_stats["t2"].token_ids
+    finally:
+        await engine.close()
+    model, _ = load(str(smollm2_dir))
+    import mlx.core as mx
+
+    steps = generate_step(
+        mx.array(prompt), model, max_tokens=len(cached_tokens), sampler=lambda x: mx.argmax(x, -1)
+    )
+    assert [int(t) for t, _ in steps] == cached_tokens
 
 
 @pytest.mark.parametrize("concurrency", [1, 4])
