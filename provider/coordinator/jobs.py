@@ -47,7 +47,7 @@ from provider.coordinator.receipts import (
     ToolCall,
 )
 from provider.engine import Engine, EngineError, TokenBatch
-from provider.openai.completions import CompletionFormatter, Output, make_usage
+from provider.openai.completions import CompletionFormatter, Output, completion_usage, make_usage
 from provider.openai.request import ChatCompletionRequest
 from provider.openai.response import Usage
 from provider.openai.structured import json_schema_of, judge_output
@@ -74,11 +74,15 @@ class Job:
     #: Why cancel was set: "cancel_request:<reason>", "deadline", "disconnect", "drain_timeout".
     cancel_reason: str | None = None
     token_limit: int = 0
+    #: The coordinator's conversation hint, passed to the engine's prefix cache.
+    conversation_key: str | None = None
     #: The request deadline (``request_timeout_s``), once it is armed.
     timeout_s: float | None = None
     chunks_sent: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: Prompt tokens the engine took from its prefix cache.
+    cached_tokens: int = 0
     first_token_at: float | None = None
     finished_at: float | None = None
     task: asyncio.Task[None] | None = None
@@ -187,7 +191,9 @@ async def relay(
         obfuscation=request.include_obfuscation(),
     )
     schema = json_schema_of(request)
-    stream = engine.generate(request, job.cancel)
+    # Only engines that take hints get one (see provider.engine's contract).
+    hints = {"conversation_key": job.conversation_key} if job.conversation_key else {}
+    stream = engine.generate(request, job.cancel, **hints)
     pending = Output()
     whole = Output()  # a non-streaming answer; the text a JSON check reads
     last_flush = 0.0
@@ -238,6 +244,7 @@ async def relay(
                 raise EngineError("error_internal", "engine ended without a finish") from None
             job.prompt_tokens = batch.prompt_tokens
             job.completion_tokens = batch.completion_tokens
+            job.cached_tokens = batch.cached_tokens
             pieces = dict(
                 reasoning=batch.reasoning, tool_calls=batch.tool_calls, logprobs=batch.logprobs
             )
@@ -272,7 +279,7 @@ async def relay(
             error = f"the request ran past request_timeout_s{limit}"
             return Outcome("provider_timeout", error, True)
         return Outcome("cancelled", job.cancel_reason)
-    usage = job.usage()
+    usage = completion_usage(job.prompt_tokens, job.completion_tokens, job.cached_tokens)
     verdict = None
     if schema is not None and not whole.tool_calls:
         verdict = judge_output(whole.text, schema, finish_reason=final.finish_reason)

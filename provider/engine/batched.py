@@ -22,6 +22,14 @@ mlx-lm does not have.
 
 Cancellation is checked before every decode step and after every prefill
 chunk, so within one slice.
+
+A prompt starts from its longest cached prefix (:meth:`Runtime.fetch`: the
+sliced prefill starts at ``fill.done``, so a second turn prefills only what
+is new), and every request's KV cache goes to the prefix cache when it ends
+(:meth:`Runtime.keep`, :meth:`Runtime.keep_batched`); a prompt cancelled
+while it is prefilled leaves as much as it filled. The oldest waiting prompt
+starts only when its KV memory fits beside the running requests
+(:meth:`Runtime.admit`); until then it and those behind it wait, in order.
 """
 
 from __future__ import annotations
@@ -40,7 +48,6 @@ log = logging.getLogger("mlx_provider.engine")
 def serve_batched(rt: Runtime) -> None:
     """Serve jobs with continuous batching until stopped (see the module docstring)."""
     from mlx_lm.generate import BatchGenerator, StopSequences
-    from mlx_lm.models.cache import make_prompt_cache
 
     def make_generator() -> BatchGenerator:
         return BatchGenerator(
@@ -81,10 +88,12 @@ def serve_batched(rt: Runtime) -> None:
                 rt.finished(job)
             if filling is not None and filling.job.cancel.is_set():
                 filling.job.finish("cancelled")
+                rt.keep(filling.job, filling.cache, filling.job.prompt)
                 rt.finished(filling.job)
                 filling = None
             cancelled = [uid for uid, job in running.items() if job.cancel.is_set()]
             if cancelled:
+                rt.keep_batched(generator, cancelled, running)
                 generator.remove(cancelled)
                 for uid in cancelled:
                     job = running.pop(uid)
@@ -107,6 +116,7 @@ def serve_batched(rt: Runtime) -> None:
                     generator = make_generator()
                     continue
                 finished = []
+                ended = {r.uid: r for r in responses if r.finish_reason is not None}
                 for r in responses:
                     job = running.get(r.uid)
                     if job is None:
@@ -117,6 +127,7 @@ def serve_batched(rt: Runtime) -> None:
                     if done or r.finish_reason is not None:
                         finished.append(r.uid)
                 if finished:
+                    rt.keep_batched(generator, finished, running, ended)
                     # The generator already dropped those it finished itself.
                     generator.remove(finished)
                 for uid in finished:
@@ -128,11 +139,12 @@ def serve_batched(rt: Runtime) -> None:
             # Then one slice of the oldest prompt. Prompts are prefilled one
             # at a time in arrival order, so the first buyer is not held
             # behind the others.
-            if filling is None and pending:
+            if filling is None and pending and rt.admit(pending[0], alone=not running):
                 job = pending.popleft()
                 try:
                     rt.start(job)
-                    filling = Prefill(job, make_prompt_cache(rt.model))
+                    hit = rt.fetch(job)
+                    filling = Prefill(job, hit.cache, done=hit.tokens)
                 except Exception as exc:
                     log.exception("%s: could not start", job.request_id)
                     job.fail(EngineError("error_internal", f"generation failed: {exc}"))
@@ -166,7 +178,8 @@ def serve_batched(rt: Runtime) -> None:
                             [[token]],
                             max_tokens=[job.max_tokens],
                             caches=[filling.cache],
-                            all_tokens=[job.prompt],
+                            # A copy: the generator appends to it what it decodes.
+                            all_tokens=[list(job.prompt)],
                             samplers=[job.sampler],
                             logits_processors=[job.logits_processors],
                             stop_sequences=[eos_stop],
@@ -176,8 +189,10 @@ def serve_batched(rt: Runtime) -> None:
                         job.fail(EngineError("error_internal", f"generation failed: {exc}"))
                     else:
                         running[uid] = job
-            filling = None
             if job.done:
+                if job.stats.error is None:  # ended at its first token: keep its prompt
+                    rt.keep(job, filling.cache, job.prompt)
                 rt.finished(job)
+            filling = None
     finally:
         generator.close()

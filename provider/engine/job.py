@@ -47,11 +47,14 @@ class RequestStats:
     """Counters of one request, updated live by the generation thread.
 
     ``prefill_chunks`` counts prompt chunks processed before the first decode
-    step and ``prefill_tokens`` the prompt tokens they held (a prefix found
-    already in the cache is not counted); ``decode_steps`` counts tokens
-    sampled (EOS included); ``completion_tokens`` counts tokens returned in
-    usage (EOS excluded); ``token_ids`` holds them when the engine records
-    token ids. Times are :func:`time.perf_counter` values; ``max_gap_s`` is
+    step and ``prefill_tokens`` the prompt tokens they held (a prefix taken
+    from the prefix cache is not counted: that is ``cached_tokens``);
+    ``decode_steps`` counts tokens sampled (EOS included);
+    ``completion_tokens`` counts tokens returned in usage (EOS excluded);
+    ``token_ids`` holds them when the engine records token ids;
+    ``speculation`` says how the request decoded (``"draft"``, ``"lookup"``
+    or None) and ``drafted``/``accepted`` count proposed and accepted
+    tokens. Times are :func:`time.perf_counter` values; ``max_gap_s`` is
     the longest time between two consecutive sampled tokens.
     """
 
@@ -65,6 +68,10 @@ class RequestStats:
     finish_reason: FinishReason | None = None
     error: str | None = None
     token_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    speculation: str | None = None
+    drafted: int = 0
+    accepted: int = 0
     submitted_at: float = 0.0
     started_at: float | None = None
     first_token_at: float | None = None
@@ -116,6 +123,8 @@ class GenerationJob:
         grammar: GrammarProcessor | None = None,
         parser: OutputParser | None = None,
         logprobs: LogprobCapture | None = None,
+        conversation: str | None = None,
+        use_cache: bool = True,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
@@ -137,6 +146,10 @@ class GenerationJob:
         self.cancel = cancel
         self.loop = loop
         self.stats = stats
+        #: Hashed conversation hint for the prefix cache (never the key itself).
+        self.conversation = conversation
+        #: Whether the prefix cache serves and keeps this request's KV cache.
+        self.use_cache = use_cache
         # Set by the generation thread when the job starts.
         self.sampler: Callable[[Any], Any] | None = None
         self.detokenizer: Any = None
@@ -148,6 +161,12 @@ class GenerationJob:
         # Hand-off to the event loop.
         self.lock = threading.Lock()
         self.event = asyncio.Event()
+        # The generation thread is done with the job (its KV cache stored, its
+        # memory released), which happens after the finish reached the reader.
+        # Only a waiter (MlxEngine.settled) costs a wake-up of the loop.
+        self.ended = False
+        self.watched = False
+        self.ended_event = asyncio.Event()
         self.out: list[str] = []
         self.out_reasoning: list[str] = []
         self.out_calls: list[ToolCallOut] = []
@@ -286,6 +305,23 @@ class GenerationJob:
             self.loop.call_soon_threadsafe(self.event.set)
         except RuntimeError:
             pass  # the loop is closed: nobody is reading any more
+
+    def mark_ended(self) -> None:
+        """The generation thread is done with the job (it calls this last)."""
+        self.ended = True
+        if self.watched and self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(self.ended_event.set)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is waiting
+
+    async def wait_ended(self) -> None:
+        """Until :meth:`mark_ended` (event loop side)."""
+        # Flag first, then check: either the thread sees the flag and wakes
+        # us, or we see that it has ended.
+        self.watched = True
+        if not self.ended:
+            await self.ended_event.wait()
 
     # -- event loop ----------------------------------------------------------
 

@@ -10,6 +10,12 @@ the batched one runs a decode step of the running requests, both look at
 the cancel flags. So a running stream waits at most about one slice (plus
 its own decode step) for its next token, and a cancel is seen within one
 slice.
+
+A prefill may start part-way: a cache from the prefix cache already holds
+the first ``done`` tokens, and only the rest goes through the model. The
+same slices fill a draft model's cache for speculative decoding (with that
+model and its own pacer). KV quantization (``kv_bits``) applies after every
+chunk, as in ``generate_step``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 from typing import Any
 
 from provider.engine.job import GenerationJob
+from provider.engine.pacing import PrefillPacer
 from provider.engine.runtime import Runtime
 
 
@@ -25,13 +32,26 @@ class Prefill:
     """A prompt being prefilled: its job, its KV cache, and how far it got.
 
     ``done`` counts the prompt tokens already in ``cache``: 0 for a fresh
-    cache, more when the cache already holds a prefix of the prompt.
+    cache, more when the cache came from the prefix cache holding a prefix
+    of the prompt. ``model`` and ``pacer`` are the model that fills the
+    cache and the pacer that sizes its chunks; ``None``: the runtime's own
+    (a draft model's cache is filled by the draft model, timed apart).
     """
 
-    def __init__(self, job: GenerationJob, cache: list[Any], done: int = 0) -> None:
+    def __init__(
+        self,
+        job: GenerationJob,
+        cache: list[Any],
+        done: int = 0,
+        *,
+        model: Any = None,
+        pacer: PrefillPacer | None = None,
+    ) -> None:
         self.job = job
         self.cache = cache
         self.done = done
+        self.model = model
+        self.pacer = pacer
 
     @property
     def filled(self) -> bool:
@@ -45,24 +65,30 @@ def fill_chunk(rt: Runtime, fill: Prefill) -> None:
     The chunk's size comes from the pacer and its time goes back to it. MLX
     computes lazily and a batched decode step may still be running on the
     stream, so the stream is synchronised before the clock starts: the time
-    is the chunk's own.
+    is the chunk's own. Every chunk counts in ``prefill_chunks`` (and calls
+    the step hook); only the main model's count in ``prefill_tokens``.
     """
     import mlx.core as mx
+    from mlx_lm.generate import maybe_quantize_kv_cache
 
     job = fill.job
     rest = len(job.prompt) - 1 - fill.done
     if rest <= 0:
         return
-    n = rt.pacer.chunk(rest)
+    model = rt.model if fill.model is None else fill.model
+    pacer = rt.pacer if fill.pacer is None else fill.pacer
+    n = pacer.chunk(rest)
     mx.synchronize(rt.stream)
     start = time.perf_counter()
-    rt.model(mx.array(job.prompt[fill.done : fill.done + n])[None], cache=fill.cache)
+    model(mx.array(job.prompt[fill.done : fill.done + n])[None], cache=fill.cache)
+    maybe_quantize_kv_cache(fill.cache, rt.quantized_kv_start, rt.kv_group_size, rt.kv_bits)
     mx.eval([c.state for c in fill.cache])
-    rt.pacer.record(n, time.perf_counter() - start)
+    pacer.record(n, time.perf_counter() - start)
     mx.clear_cache()
     fill.done += n
     job.stats.prefill_chunks += 1
-    job.stats.prefill_tokens += n
+    if fill.model is None:
+        job.stats.prefill_tokens += n
     rt.step_done(job, "prefill")
 
 
@@ -70,7 +96,8 @@ def first_token(rt: Runtime, fill: Prefill) -> tuple[int, Any]:
     """Run the last prompt token through the filled cache: the first completion token.
 
     Returns the token and its step's log-probabilities. The request's logits
-    processors see the prompt, as in :func:`mlx_lm.generate.generate_step`.
+    processors see the whole prompt, the part that came from the prefix
+    cache included, as in :func:`mlx_lm.generate.generate_step`.
     """
     import mlx.core as mx
 

@@ -1,13 +1,20 @@
 """The sequential scheduler (``max_concurrency == 1``): one request at a time.
 
-Requests run in arrival order. The prompt is prefilled here, one time slice
-at a time (:mod:`.prefill`: each chunk sized to take about
-``prefill_slice_ms``, at most ``prefill_step_size`` tokens), then
-:func:`mlx_lm.generate.generate_step` (the ``stream_generate`` path) takes
-the filled cache and the last prompt token and decodes. Cancellation is
-checked before every decode step and after every prefill chunk, so within
-one slice; requests waiting behind the running one are swept at the same
-points, so a cancelled waiter ends at once.
+Requests run in arrival order. Each starts from its longest cached prefix
+(:meth:`Runtime.fetch`), and the rest of its prompt is prefilled here, one
+time slice at a time (:mod:`.prefill`: each chunk sized to take about
+``prefill_slice_ms``, at most ``prefill_step_size`` tokens); a request that
+decodes with a draft model has the draft's cache filled the same way, after
+the model's. Then :meth:`Runtime.token_steps` decodes from the last prompt
+token: :func:`mlx_lm.generate.generate_step` (the ``stream_generate`` path),
+or speculatively (:mod:`.speculative`: with the draft model, or by prompt
+lookup) when the request is eligible.
+
+Cancellation is checked before every decode step and after every prefill
+chunk, so within one slice; requests waiting behind the running one are
+swept at the same points, so a cancelled waiter ends at once. When a request
+ends (finished, stopped or cancelled, even during its prefill) its KV cache
+goes to the prefix cache, as far as it was filled (:meth:`Runtime.keep`).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ def serve_sequential(rt: Runtime) -> None:
         if rt.stopping.is_set():
             for job in pending:
                 job.finish("cancelled")
+                rt.finished(job)
             return
         if pending:
             _run_one(rt, pending.popleft(), pending)
@@ -52,67 +60,52 @@ def _sweep(rt: Runtime, pending: deque[GenerationJob], *, block: bool = False) -
 
 
 def _run_one(rt: Runtime, job: GenerationJob, pending: deque[GenerationJob]) -> None:
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-    from mlx_lm.models.cache import make_prompt_cache
-
     def stopped() -> bool:
         return job.cancel.is_set() or rt.stopping.is_set()
 
+    cache: list[Any] | None = None
+    draft: list[Any] | None = None
+    # What the cache may hold: the prompt, then every token out.
+    seen = list(job.prompt)
     try:
         rt.start(job)
-        fill = Prefill(job, make_prompt_cache(rt.model))
+        rt.admit(job, alone=True)
+        hit = rt.fetch(job, draft=rt.draft_model is not None)
+        cache, draft = hit.cache, hit.draft
+        assert cache is not None
+        mode = rt.speculation(job, cache)
+        fills = [Prefill(job, cache, hit.tokens)]
+        if mode == "draft":
+            assert draft is not None
+            fills.append(
+                Prefill(job, draft, hit.draft_tokens, model=rt.draft_model, pacer=rt.draft_pacer)
+            )
         _sweep(rt, pending)
-        while not fill.filled and not stopped():
-            fill_chunk(rt, fill)
-            _sweep(rt, pending)
+        for fill in fills:
+            while not fill.filled and not stopped():
+                fill_chunk(rt, fill)
+                _sweep(rt, pending)
         if stopped():
             job.finish("cancelled")
-            rt.finished(job)
-            return
-        steps = generate_step(
-            mx.array(job.prompt[fill.done :]),
-            rt.model,
-            rt.stream,
-            max_tokens=job.max_tokens,
-            sampler=job.sampler,
-            prompt_cache=fill.cache,
-            logits_processors=_with_prefix(job.logits_processors, job.prompt[: fill.done]),
-            prefill_step_size=rt.prefill_step_size,
-        )
-        try:
-            for token, logprobs in steps:
-                if job.on_token(int(token), logprobs):
-                    break
-                rt.step_done(job, "decode")
-                _sweep(rt, pending)
-                if stopped():
-                    job.finish("cancelled")
-                    break
-        finally:
-            steps.close()
+        else:
+            steps = rt.token_steps(job, mode, cache, draft)
+            try:
+                for token, logprobs, _ in steps:
+                    seen.append(token)
+                    if job.on_token(token, logprobs):
+                        break
+                    rt.step_done(job, "decode")
+                    _sweep(rt, pending)
+                    if stopped():
+                        job.finish("cancelled")
+                        break
+            finally:
+                steps.close()
     except Exception as exc:
         log.exception("%s: generation failed", job.request_id)
         job.fail(EngineError("error_internal", f"generation failed: {exc}"))
+        cache = None  # its state is unknown: do not keep it
+    # The draft cache moved with the model's only once the draft model decoded
+    # (a prefill cancelled part-way leaves it behind: the model's is kept alone).
+    rt.keep(job, cache, seen, draft=draft if job.stats.speculation == "draft" else None)
     rt.finished(job)
-
-
-def _with_prefix(processors: list[Any], prefix: list[int]) -> list[Any] | None:
-    """``processors`` seeing ``prefix`` before the tokens ``generate_step`` passes them.
-
-    ``generate_step`` gives its logits processors the tokens it processed
-    itself; the prompt prefilled before it (all but the last token) would be
-    missing from their context (a repetition penalty counts the prompt).
-    """
-    if not processors:
-        return None
-    if not prefix:
-        return processors
-    import mlx.core as mx
-
-    head = mx.array(prefix)
-
-    def seeing_prefix(processor: Any) -> Any:
-        return lambda tokens, logits: processor(mx.concatenate([head, tokens]), logits)
-
-    return [seeing_prefix(p) for p in processors]

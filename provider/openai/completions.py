@@ -27,9 +27,11 @@ from provider.openai.response import (
     ChoiceLogprobs,
     ChoiceMessage,
     ChunkChoice,
+    CompletionUsage,
     Delta,
     FinishReason,
     FunctionCallDelta,
+    PromptTokensDetails,
     TokenLogprob,
     ToolCallDelta,
     ToolCallOut,
@@ -40,10 +42,24 @@ from provider.openai.response import (
 
 
 def make_usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    """The usage of an ``inference_response_end``."""
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def completion_usage(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+) -> CompletionUsage:
+    """The usage of an OpenAI response body: ``cached_tokens`` of the prompt came from
+    the prefix cache (``usage.prompt_tokens_details.cached_tokens``)."""
+    return CompletionUsage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
     )
 
 
@@ -103,7 +119,7 @@ class CompletionFormatter:
     def completion_id(self) -> str:
         return f"chatcmpl-{self.request_id}"
 
-    def _event(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+    def _event(self, choices: list[ChunkChoice], usage: CompletionUsage | None = None) -> str:
         chunk = ChatCompletionChunk(
             id=self.completion_id,
             created=self.created,
@@ -153,7 +169,7 @@ class CompletionFormatter:
         self,
         out: Output | str,
         finish: FinishReason,
-        usage: Usage,
+        usage: Usage | CompletionUsage,
         *,
         first: bool,
         done: bool = True,
@@ -162,10 +178,12 @@ class CompletionFormatter:
         data = self.stream_delta(out, first=first)
         data += self._chunk(Delta(), finish)
         if self.include_usage:
-            data += self._event([], usage)
+            data += self._event([], _completion_usage(usage))
         return data + SSE_DONE if done else data
 
-    def completion(self, out: Output | str, finish: FinishReason, usage: Usage) -> str:
+    def completion(
+        self, out: Output | str, finish: FinishReason, usage: Usage | CompletionUsage
+    ) -> str:
         """The whole ``chat.completion`` JSON of a non-streaming request."""
         if isinstance(out, str):
             out = Output(out)
@@ -182,6 +200,12 @@ class CompletionFormatter:
             created=self.created,
             model=self.model,
             choices=[Choice(message=message, finish_reason=finish, logprobs=logprobs)],
-            usage=usage,
+            usage=_completion_usage(usage),
         )
         return encode(body).decode()
+
+
+def _completion_usage(usage: Usage | CompletionUsage) -> CompletionUsage:
+    if isinstance(usage, CompletionUsage):
+        return usage
+    return completion_usage(usage.prompt_tokens, usage.completion_tokens)

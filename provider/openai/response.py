@@ -28,6 +28,23 @@ class Usage(msgspec.Struct, kw_only=True):
     total_tokens: NonNegInt = 0
 
 
+class PromptTokensDetails(msgspec.Struct, kw_only=True):
+    #: Prompt tokens served from the provider's prefix cache, not prefilled.
+    cached_tokens: NonNegInt = 0
+
+
+class CompletionUsage(Usage, kw_only=True):
+    """Usage as an OpenAI response body gives it: with ``prompt_tokens_details``.
+
+    (The coordinator's ``inference_response_end`` carries the plain :class:`Usage`.)
+    """
+
+    prompt_tokens_details: PromptTokensDetails = msgspec.field(
+        default_factory=PromptTokensDetails
+    )
+
+
+
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
 
 
@@ -88,7 +105,7 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     created: int
     model: str
     choices: list[Choice]
-    usage: Usage
+    usage: CompletionUsage
 
 
 class FunctionCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -125,7 +142,7 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
     created: int
     model: str
     choices: list[ChunkChoice]
-    usage: Usage | None = None
+    usage: CompletionUsage | None = None
     #: Random padding (``stream_options.include_obfuscation``), as OpenAI sends it.
     obfuscation: str | UnsetType = UNSET
 

@@ -164,7 +164,8 @@ async def test_logits_processors_see_the_whole_prompt_in_both_schedulers(
 ) -> None:
     # A repetition penalty counts the last 20 tokens, prompt included. The
     # sequential scheduler prefills before generate_step, which alone would
-    # show its processors only the last prompt token. Each prompt ends with
+    # show its processors only the last prompt token; with a prefix cache hit
+    # that part never runs at all. Each prompt ends with
     # the model's own greedy continuation, so the penalty changes the answer.
     single = await make_engine(max_concurrency=1, ignore_eos=True, prefill_slice_ms=SLICE_MS)
     batched = await make_engine(max_concurrency=4, ignore_eos=True, prefill_slice_ms=SLICE_MS)
@@ -176,6 +177,10 @@ async def test_logits_processors_see_the_whole_prompt_in_both_schedulers(
         request = chat(prompt, max_tokens=12, repetition_penalty=2.0)
         one = text_of(await collect(single, request, None, f"s{i}"))
         assert one == text_of(await collect(batched, request))
-        assert single.last_stats[f"s{i}"].prefill_tokens > 0  # prefilled before generate_step
+        # All but the last prompt token were in the cache before generate_step
+        # (the same prompt ran just before, so from the prefix cache).
+        stats = single.last_stats[f"s{i}"]
+        assert stats.cached_tokens > 0
+        assert stats.prefill_tokens + stats.cached_tokens == stats.prompt_tokens - 1
         penalised += one != plain
     assert penalised >= 2  # the penalty did bite
