@@ -489,7 +489,11 @@ class MlxEngine:
             live.append(
                 Live(
                     context=len(job.prompt) + job.max_tokens,
-                    prefill_left=0 if started else len(job.prompt) - stats.cached_tokens,
+                    prefill_left=(
+                        0
+                        if started
+                        else len(job.prompt) - stats.cached_tokens - stats.prefill_tokens
+                    ),
                     decode_left=max(0, job.max_tokens - stats.completion_tokens),
                     admitted=job.request_id in admitted,
                 )
