@@ -108,8 +108,9 @@ async def receipts(stub: CoordinatorStub, provider_id: str, verified: int) -> di
     """Await ``verified`` receipts verified for ``provider_id``; its receipt counts."""
 
     def counts() -> dict[str, Any] | None:
-        status = status_of(stub, provider_id)
-        got = status["receipts"] if status else None
+        # The pool keeps them across sessions, and after the provider left.
+        stats = stub.pool.receipts.get(provider_id)
+        got = stats.to_json() if stats is not None else None
         return got if got and got["verified"] >= verified else None
 
     return await stub.wait_for(counts, 30, f"{verified} receipts verified")
