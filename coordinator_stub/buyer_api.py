@@ -3,8 +3,10 @@
 Endpoints:
 
 * ``POST /v1/chat/completions``: validated with
-  :func:`provider.openai.request.decode_chat_request`, routed to the least-loaded
-  ready provider, relayed back. Streaming responses are ``text/event-stream``
+  :func:`provider.openai.request.decode_chat_request` (400 naming the field),
+  routed by ``model`` to the least-loaded ready provider of that model (404
+  listing the served models when none serves it; 503 when all are busy),
+  relayed back. Streaming responses are ``text/event-stream``
   written through as the provider produced them; the status line is only
   committed once known (first chunk, or first keepalive comment).
 * ``GET /v1/models``: models of connected providers.
@@ -59,6 +61,9 @@ END_ERRORS: dict[str, tuple[int, str, str]] = {
     "error_internal": (500, "server_error", "internal_error"),
     "provider_timeout": (504, "server_error", "provider_timeout"),
     "cancelled": (503, "server_error", "cancelled"),
+    # The output did not meet response_format (the coordinator answers 502 with the text).
+    "malformed_json_response": (502, "server_error", "malformed_json_response"),
+    "json_schema_validation_failed": (502, "server_error", "json_schema_validation_failed"),
 }
 
 #: HTTP status for a request that ended without an end frame (:class:`Gone`).
@@ -385,8 +390,19 @@ class BuyerAPI:
             message = str(exc)
             logger.info("bad request: %s", message)
             return error_response(400, message, "invalid_request_error", param=error_param(message))
+        served = self.served_models()
+        if chat.model is not None and served and chat.model not in served:
+            logger.info("unknown model model=%s", chat.model)
+            return error_response(
+                404,
+                f"model {chat.model!r} is not served here; served models: "
+                + ", ".join(sorted(served)),
+                "invalid_request_error",
+                code="model_not_found",
+                param="model",
+            )
         try:
-            flight = await self.relay.dispatch(body, stream=chat.stream, model=chat.model)
+            flight = await self._dispatch(body, chat)
         except NoProviderAvailable as exc:
             logger.info("no provider for request model=%s", chat.model)
             return error_response(503, str(exc), "server_error", code="no_provider_available")
@@ -400,6 +416,45 @@ class BuyerAPI:
             )
         return await _Relay(self, request, flight).run()
 
+    def served_models(self) -> set[str]:
+        """Every model a connected provider announced."""
+        return {
+            model
+            for record in self.pool.providers.values()
+            if record.connected
+            for model in record.models
+        }
+
+    async def _dispatch(self, body: str, chat: Any) -> Flight:
+        """Dispatch to a provider of ``chat.model`` (any provider when it names none).
+
+        The pool prefers providers of the model but falls back to any; a
+        buyer who named a model must get that model or a 503. A session the
+        relay closes for a rekey is passed over for the next one.
+        """
+        if chat.model is None:
+            return await self.relay.dispatch(body, stream=chat.stream)
+        error = NoProviderAvailable(f"no ready provider of model {chat.model!r} has a free slot")
+        for _ in range(8):
+            session = self._session_for(chat.model)
+            try:
+                return await self.relay.dispatch(
+                    body, stream=chat.stream, model=chat.model, session=session
+                )
+            except NoProviderAvailable as exc:
+                error = exc
+        raise error
+
+    def _session_for(self, model: str) -> Any:
+        """The session of the least-loaded routable provider serving ``model``."""
+        record = self.pool.pick(model)
+        if (
+            record is None
+            or model not in record.models
+            or record.provider_id not in self.relay.sessions
+        ):
+            raise NoProviderAvailable(f"no ready provider of model {model!r} has a free slot")
+        return self.relay.sessions[record.provider_id]
     async def autotune_candidates(self, request: web.Request) -> web.Response:
         if self.catalog is None:
             return error_response(

@@ -180,6 +180,7 @@ class Agent:
         }
         self.exit_reason = ""
         self.state.degrade("loading_model")
+        telemetry.engine_memory.source = self.engine.memory_status
 
     # Lifetime --------------------------------------------------------------
 
@@ -738,7 +739,7 @@ class Agent:
                 "max_context_tokens": info.max_context_tokens if info else None,
                 "throughput_tps_estimate": info.throughput_tps_estimate if info else None,
             },
-            "memory": {"rss_bytes": hardware.rss_bytes()},
+            "memory": {"rss_bytes": hardware.rss_bytes(), **_memory_fields(self.engine)},
             "host": self.host_status(),
             "reconnects": len(self.reconnects),
             "last_disconnect": self.reconnects[-1] if self.reconnects else None,
@@ -783,6 +784,29 @@ def _window_fields(window: MetricsWindow) -> dict[str, Any]:
         "requests_served_since_last": v.requests_served_since_last,
         "avg_latency_ms_since_last": v.avg_latency_ms_since_last,
         "throughput_tps_since_last": v.throughput_tps_since_last,
+    }
+
+
+def _memory_fields(engine: Engine) -> dict[str, Any]:
+    """KV memory and prefix cache figures for ``status``."""
+    memory = engine.memory_status()
+    if memory is None:
+        return {}
+    return {
+        "kv_budget_bytes": memory.budget_bytes,
+        "kv_reserved_bytes": memory.reserved_bytes,
+        "kv_bytes_per_token": round(memory.kv_bytes_per_token, 1),
+        "requests_waiting_for_memory": memory.waiting_for_memory,
+        "prompt_cache": {
+            "bytes": memory.prompt_cache_bytes,
+            "max_bytes": memory.prompt_cache_max_bytes,
+            "entries": memory.prompt_cache_entries,
+            "lookups": memory.prompt_cache_lookups,
+            "hits": memory.prompt_cache_hits,
+            "hit_rate": round(memory.hit_rate, 4),
+            "cached_tokens": memory.cached_tokens,
+            "token_hit_rate": round(memory.token_hit_rate, 4),
+        },
     }
 
 

@@ -60,6 +60,11 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--max-context-tokens", type=int, metavar="N")
     p.add_argument("--status-port", type=int, metavar="N", help="local status port; 0 disables")
     p.add_argument("--drain-timeout", type=float, metavar="S")
+    p.add_argument("--draft-model", metavar="DIR_OR_REPO", help="draft model for speculation")
+    p.add_argument("--kv-bits", type=int, choices=[2, 3, 4, 6, 8], help="quantize KV caches")
+    p.add_argument("--prompt-cache-bytes", type=int, metavar="N", help="prefix cache bound; 0: off")
+    p.add_argument("--memory-budget-bytes", type=int, metavar="N", help="KV memory budget")
+    p.add_argument("--prompt-lookup", choices=["auto", "on", "off"])
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-file", metavar="PATH")
     p.set_defaults(func=cmd_serve)
@@ -91,6 +96,11 @@ def serve_config(args: argparse.Namespace) -> tuple[Config, Any]:
         "max_context_tokens": args.max_context_tokens,
         "status_port": args.status_port,
         "drain_timeout_s": args.drain_timeout,
+        "draft_model": args.draft_model,
+        "kv_bits": args.kv_bits,
+        "prompt_cache_bytes": args.prompt_cache_bytes,
+        "memory_budget_bytes": args.memory_budget_bytes,
+        "prompt_lookup": args.prompt_lookup,
         "log_level": args.log_level,
         "log_file": args.log_file,
     }
@@ -119,6 +129,16 @@ def make_engine(config: Config) -> Any:
         default_max_tokens=config.default_max_tokens,
         prefill_step_size=config.prefill_step_size,
         handoff_interval=config.chunk_interval_ms / 1000.0,
+        memory_budget_bytes=config.memory_budget_bytes,
+        prompt_cache_bytes=config.prompt_cache_bytes,
+        prompt_cache_entries=config.prompt_cache_entries,
+        max_queue_wait_s=config.request_timeout_s,
+        kv_bits=config.kv_bits,
+        kv_group_size=config.kv_group_size,
+        quantized_kv_start=config.quantized_kv_start,
+        draft_model=config.draft_model,
+        num_draft_tokens=config.num_draft_tokens,
+        prompt_lookup=config.prompt_lookup,
     )
 
 

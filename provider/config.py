@@ -59,6 +59,15 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cancelled), ``request_timeout_s`` (a request running longer ends
     ``provider_timeout``).
 
+    Memory and speed (:class:`provider.engine.mlx.MlxEngine` documents each):
+    ``memory_budget_bytes`` (``None``: what MLX recommends or 3/4 of RAM,
+    less the weights), ``prompt_cache_bytes`` (``None``: 1/8 of RAM, at most
+    half the budget; 0 turns the prefix cache off), ``prompt_cache_entries``,
+    ``kv_bits``/``kv_group_size``/``quantized_kv_start`` (KV-cache
+    quantization), ``draft_model``/``num_draft_tokens`` (speculative
+    decoding with a draft model), ``prompt_lookup`` (``auto``/``on``/``off``:
+    speculative decoding from the prompt itself).
+
     Timers: ``send_timeout_s`` bounds every send; ``backoff_*`` and
     ``stable_after_s`` (a session registered this long resets the backoff)
     are documented on :mod:`provider.coordinator.reconnect`.
@@ -103,6 +112,16 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     drain_timeout_s: Annotated[float, Meta(ge=0)] = 300.0
     # Not below the coordinator's routing.request_timeout_s (900 s).
     request_timeout_s: Annotated[float, Meta(gt=0)] = 900.0
+
+    memory_budget_bytes: Annotated[int, Meta(ge=0)] | None = None
+    prompt_cache_bytes: Annotated[int, Meta(ge=0)] | None = None
+    prompt_cache_entries: Annotated[int, Meta(ge=0)] = 32
+    kv_bits: Annotated[int, Meta(ge=2, le=8)] | None = None
+    kv_group_size: Annotated[int, Meta(ge=32, le=128)] = 64
+    quantized_kv_start: Annotated[int, Meta(ge=0)] = 5000
+    draft_model: str | None = None
+    num_draft_tokens: Annotated[int, Meta(ge=1, le=16)] = 3
+    prompt_lookup: Literal["auto", "on", "off"] = "auto"
 
     send_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
     backoff_initial_s: Annotated[float, Meta(gt=0)] = 1.0
@@ -227,6 +246,10 @@ def check_config(config: Config) -> None:
     and the coordinator's own syntax rules for ids it would refuse."""
     if config.coordinator_url is not None:
         check_coordinator_url(config.coordinator_url)
+    if config.kv_bits is not None and config.kv_bits not in (2, 3, 4, 6, 8):
+        raise ConfigError(f"kv_bits: {config.kv_bits} is not supported; use 2, 3, 4, 6 or 8")
+    if config.kv_group_size not in (32, 64, 128):
+        raise ConfigError(f"kv_group_size: {config.kv_group_size}; use 32, 64 or 128")
     if config.provider_token:
         check_provider_token(config.provider_token)
     if config.provider_id is not None and not PROVIDER_ID_PATTERN.fullmatch(config.provider_id):

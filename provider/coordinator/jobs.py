@@ -40,11 +40,17 @@ from provider.coordinator.messages import (
     InferenceResponseChunk,
     InferenceResponseEnd,
 )
-from provider.coordinator.receipts import LATE_RECEIPT_SETTLEMENT, Delivered, Settlement
+from provider.coordinator.receipts import (
+    LATE_RECEIPT_SETTLEMENT,
+    Delivered,
+    Settlement,
+    ToolCall,
+)
 from provider.engine import Engine, EngineError, TokenBatch
-from provider.openai.completions import CompletionFormatter, make_usage
+from provider.openai.completions import CompletionFormatter, Output, completion_usage, make_usage
 from provider.openai.request import ChatCompletionRequest
 from provider.openai.response import Usage
+from provider.openai.structured import json_schema_of, judge_output
 
 log = logging.getLogger("mlx_provider.jobs")
 
@@ -68,18 +74,31 @@ class Job:
     #: Why cancel was set: "cancel_request:<reason>", "deadline", "disconnect", "drain_timeout".
     cancel_reason: str | None = None
     token_limit: int = 0
+    #: The coordinator's conversation hint, passed to the engine's prefix cache.
+    conversation_key: str | None = None
     #: The request deadline (``request_timeout_s``), once it is armed.
     timeout_s: float | None = None
     chunks_sent: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: Prompt tokens the engine took from its prefix cache.
+    cached_tokens: int = 0
     first_token_at: float | None = None
     finished_at: float | None = None
     task: asyncio.Task[None] | None = None
-    #: What the buyer has been sent so far (the receipt's output).
+    #: What the buyer has been sent so far (the receipt's output): answer
+    #: text (not reasoning), then the tool calls and the finish reason.
     delivered: Delivered = field(default_factory=Delivered)
     #: The request's settlement metadata: its end frame then carries a receipt.
     settlement: Settlement | None = None
+
+    def deliver(self, out: Output, *, content: bool = True) -> None:
+        """Record output as sent to the buyer (``content`` False: its text was not)."""
+        if content:
+            self.delivered.add(out.text)
+        if out.tool_calls:
+            calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in out.tool_calls]
+            self.delivered.tool_calls = [*(self.delivered.tool_calls or []), *calls]
 
     def request_cancel(self, reason: str) -> None:
         if self.cancel_reason is None:
@@ -164,10 +183,19 @@ async def relay(
     20); text that arrives sooner waits, at most until ``chunk_interval`` has
     passed. ``clock`` (default :func:`time.monotonic`) times the flushes.
     """
-    fmt = CompletionFormatter(job.request_id, model_id, include_usage=request.include_usage())
-    stream = engine.generate(request, job.cancel)
-    pending = ""
-    text_parts: list[str] = []
+    fmt = CompletionFormatter(
+        job.request_id,
+        model_id,
+        include_usage=request.include_usage(),
+        logprobs=request.top_logprobs_n() is not None,
+        obfuscation=request.include_obfuscation(),
+    )
+    schema = json_schema_of(request)
+    # Only engines that take hints get one (see provider.engine's contract).
+    hints = {"conversation_key": job.conversation_key} if job.conversation_key else {}
+    stream = engine.generate(request, job.cancel, **hints)
+    pending = Output()
+    whole = Output()  # a non-streaming answer; the text a JSON check reads
     last_flush = 0.0
     due = chunk_interval * (1.0 - FLUSH_SLACK)
     final: TokenBatch | None = None
@@ -181,13 +209,13 @@ async def relay(
             await send(chunk)
 
     async def flush() -> None:
-        nonlocal pending, last_flush
+        nonlocal last_flush
         first = job.first_token_at is None
         if first:
             job.first_token_at = time.monotonic()
-        data = fmt.stream_delta(pending, first=first)
-        job.delivered.add(pending)
-        pending = ""
+        out = pending.take()
+        data = fmt.stream_delta(out, first=first)
+        job.deliver(out)
         last_flush = clock()
         await emit(data)
 
@@ -216,20 +244,27 @@ async def relay(
                 raise EngineError("error_internal", "engine ended without a finish") from None
             job.prompt_tokens = batch.prompt_tokens
             job.completion_tokens = batch.completion_tokens
+            job.cached_tokens = batch.cached_tokens
+            pieces = dict(
+                reasoning=batch.reasoning, tool_calls=batch.tool_calls, logprobs=batch.logprobs
+            )
+            if not job.stream:
+                whole.add(batch.text, **pieces)
+            elif schema is not None:  # a stream keeps only what the JSON check reads
+                whole.add(batch.text, tool_calls=batch.tool_calls)
             if batch.finish_reason is not None:
                 final = batch
-                pending += batch.text
+                pending.add(batch.text, **pieces)
                 break
-            if not batch.text and job.first_token_at is not None:
+            new = batch.text or batch.reasoning or batch.tool_calls or batch.logprobs
+            if not new and job.first_token_at is not None:
                 continue
             if job.stream:
-                pending += batch.text
+                pending.add(batch.text, **pieces)
                 if job.first_token_at is None or clock() - last_flush >= due:
                     await flush()
-            else:
-                if job.first_token_at is None:
-                    job.first_token_at = time.monotonic()
-                text_parts.append(batch.text)
+            elif job.first_token_at is None:
+                job.first_token_at = time.monotonic()
     except EngineError as exc:
         return Outcome(exc.status, str(exc), exc.retryable)
     finally:
@@ -244,15 +279,25 @@ async def relay(
             error = f"the request ran past request_timeout_s{limit}"
             return Outcome("provider_timeout", error, True)
         return Outcome("cancelled", job.cancel_reason)
-    usage = job.usage()
+    usage = completion_usage(job.prompt_tokens, job.completion_tokens, job.cached_tokens)
+    verdict = None
+    if schema is not None and not whole.tool_calls:
+        verdict = judge_output(whole.text, schema, finish_reason=final.finish_reason)
+    if verdict is not None:
+        # The stream (if any) ends without a finish or [DONE]: the end frame's
+        # status says what is wrong, and the coordinator tells the buyer.
+        if job.stream and pending:
+            out = pending.take()
+            job.deliver(out)
+            await emit(fmt.stream_delta(out, first=job.chunks_sent == 0), last=True)
+        return Outcome(verdict.status, verdict.message, verdict.retryable)
     if job.stream:
         data = fmt.stream_end(pending, final.finish_reason, usage, first=job.chunks_sent == 0)
-        job.delivered.add(pending)
+        job.deliver(pending)
     else:
-        text_parts.append(pending)
-        text = "".join(text_parts)
-        data = fmt.completion(text, final.finish_reason, usage)
-        job.delivered.add(text)
+        data = fmt.completion(whole, final.finish_reason, usage)
+        # Newlines around calls are not sent as content (see CompletionFormatter).
+        job.deliver(whole, content=bool(whole.text.strip()) or not whole.tool_calls)
     job.delivered.finish_reason = final.finish_reason
     await emit(data, last=True)
     return Outcome("complete")

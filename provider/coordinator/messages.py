@@ -43,6 +43,8 @@ EndStatus = Literal[
     "error_model_not_loaded",
     "error_internal",
     "provider_timeout",
+    "malformed_json_response",
+    "json_schema_validation_failed",
 ]
 PreflightReason = Literal[
     "context_exceeds_capacity", "queue_full", "draining", "model_not_loaded", "unhealthy"
@@ -441,6 +443,10 @@ class InferenceRequest(_Message, tag="inference_request", kw_only=True):
     enc: Envelope | None = None
     # Checked by receipts.parse_settlement, which names the bad field.
     settlement: dict[str, Any] | None = None
+    # A hint that requests belong to one conversation (for the prefix cache,
+    # which keeps it hashed); never used to look anything up. On the
+    # encrypted leg it is inside ``enc``.
+    conversation_key: str | None = None
 
 
 class RequestPlaintext(msgspec.Struct, tag_field="type", tag="inference_request_plaintext"):

@@ -733,8 +733,9 @@ class Session:
             )
         return None
 
-    async def _request_body(self, msg: InferenceRequest) -> str | None:
-        """The request's body, opened on the encrypted leg; None after a nak."""
+    async def _request_body(self, msg: InferenceRequest) -> tuple[str, str | None] | None:
+        """The request's body and conversation hint, opened on the encrypted leg; None
+        after a nak."""
         extra = {"request_id": msg.request_id}
         if self.leg is None:
             if msg.encrypted:
@@ -751,7 +752,7 @@ class Session:
                     msg.request_id, "malformed_message", "Object missing required field `body`"
                 )
                 return None
-            return msg.body
+            return msg.body, msg.conversation_key
         if not msg.encrypted or msg.enc is None:
             log.warning("plaintext inference_request on the encrypted leg", extra=extra)
             await self._nak(
@@ -762,7 +763,8 @@ class Session:
             return None
         try:
             plaintext = self.leg.open("inference_request", msg.request_id, msg.stream, msg.enc)
-            return _plaintext_decoder.decode(plaintext).body
+            opened = _plaintext_decoder.decode(plaintext)
+            return opened.body, opened.conversation_key
         except (tier2.AeadError, msgspec.DecodeError) as exc:
             log.error("inference_request does not decrypt: %s", exc, extra=extra)
             await self._nak(msg.request_id, "tier2_aead_decrypt_failed", f"decrypt failed: {exc}")
@@ -778,8 +780,8 @@ class Session:
                 "duplicate of a running request; ignored", extra={"request_id": msg.request_id}
             )
             return
-        body = await self._request_body(msg)
-        if body is None:
+        opened = await self._request_body(msg)
+        if opened is None:
             return
         if self.jobs.known(msg.request_id):
             log.warning("duplicate request", extra={"request_id": msg.request_id})
@@ -789,7 +791,8 @@ class Session:
                 f"request_id {msg.request_id!r} was already received",
             )
             return
-        job = Job(request_id=msg.request_id, stream=msg.stream)
+        body, conversation_key = opened
+        job = Job(request_id=msg.request_id, stream=msg.stream, conversation_key=conversation_key)
         if msg.settlement is not None:
             try:
                 job.settlement = parse_settlement(
@@ -950,10 +953,14 @@ class Session:
             reason = "queue_full"
         elif agent.state.state == "degraded":
             reason = "unhealthy"
+        wait_ms = 0
+        if reason in (None, "queue_full"):
+            # Slots, memory and the prompts queued ahead, from what the engine measured.
+            wait_ms = agent.engine.estimated_wait_ms(msg.estimated_tokens)
         return PreflightAck(
             request_id=msg.request_id,
             accepted=reason is None,
-            estimated_wait_ms=0,
+            estimated_wait_ms=wait_ms,
             reason=reason,
             max_context_tokens=max_ctx,
         )

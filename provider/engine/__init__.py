@@ -20,17 +20,29 @@ Contract of :meth:`Engine.generate`:
   instead of any batch (e.g. ``error_context_exceeded``).
 - Leaving the iterator early (``aclose()``, task cancellation) sets ``cancel``
   and frees the engine's slot.
+- ``conversation_key`` (keyword, optional) is the coordinator's hint that
+  requests belong to one conversation. An engine may use it to decide what to
+  keep cached; it must never make one request see another's data beyond what
+  identical token prefixes give (a prefix cache is keyed by tokens alone).
+  Callers pass it only when they have one, so engines without caches need
+  not accept it.
+- Every batch carries ``cached_tokens``: how many prompt tokens came from a
+  prefix cache instead of being prefilled (OpenAI's
+  ``usage.prompt_tokens_details.cached_tokens``).
+
+:meth:`Engine.estimated_wait_ms` and :meth:`Engine.memory_status` tell the
+session and the status page how loaded the engine is.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from provider.openai.request import ChatCompletionRequest
-from provider.openai.response import FinishReason
+from provider.openai.response import FinishReason, TokenLogprob, ToolCallOut
 
 #: The ``inference_response_end`` statuses an engine may end a request with
 #: (besides ``complete`` and ``cancelled``, which come as a finish reason).
@@ -57,12 +69,60 @@ class ModelInfo:
 
 @dataclass(slots=True)
 class TokenBatch:
-    """Output of one hand-off from the generation thread to the event loop."""
+    """Output of one hand-off from the generation thread to the event loop.
+
+    ``text`` is answer content; ``reasoning`` a thinking model's reasoning;
+    ``tool_calls`` the calls completed in this batch (finish reason
+    ``tool_calls`` when any were made); ``logprobs`` one entry per completion
+    token counted in this batch, when the request asked for them (else None).
+    """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    reasoning: str = ""
+    tool_calls: list[ToolCallOut] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryStatus:
+    """The engine's KV memory and prefix cache, for ``status`` and ``/metrics``.
+
+    ``budget_bytes`` bounds the KV caches of running requests (each reserved
+    at its whole context: prompt plus completion limit) plus the prefix
+    cache; ``reserved_bytes`` is what running requests hold now, and
+    ``waiting_for_memory`` how many admitted requests wait for it. The
+    ``prompt_cache_*`` fields describe the prefix cache: its bytes, its own
+    cap (it also yields to running requests), entries, lookups, hits (a
+    lookup that reused at least one token), and prompt tokens looked up and
+    reused.
+    """
+
+    budget_bytes: int
+    reserved_bytes: int
+    waiting_for_memory: int
+    kv_bytes_per_token: float
+    prompt_cache_bytes: int
+    prompt_cache_max_bytes: int
+    prompt_cache_entries: int
+    prompt_cache_lookups: int
+    prompt_cache_hits: int
+    prompt_tokens: int
+    cached_tokens: int
+
+    @property
+    def hit_rate(self) -> float:
+        """Lookups that reused something, over all lookups (0 before any)."""
+        lookups = self.prompt_cache_lookups
+        return self.prompt_cache_hits / lookups if lookups else 0.0
+
+    @property
+    def token_hit_rate(self) -> float:
+        """Prompt tokens reused, over prompt tokens looked up (0 before any)."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
 class EngineError(Exception):
@@ -98,6 +158,15 @@ class Engine(Protocol):
         self, request: ChatCompletionRequest, cancel: threading.Event
     ) -> AsyncIterator[TokenBatch]:
         """Run one chat completion; see the module docstring for the contract."""
+        ...
+
+    def estimated_wait_ms(self, context_tokens: int) -> int:
+        """How long a new request of ``context_tokens`` (prompt plus completion) would
+        wait now before its prefill starts: for a slot, for memory, for prompts ahead."""
+        ...
+
+    def memory_status(self) -> MemoryStatus | None:
+        """KV memory and prefix cache figures, or ``None`` when the engine has none."""
         ...
 
     async def warm_up(self) -> None:

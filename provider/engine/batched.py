@@ -13,6 +13,13 @@ prompt's prefill waits for no more than one decode step.
 
 Cancellation is checked before every decode step and, during prefill, after
 every chunk of ``prefill_step_size`` tokens.
+
+A prompt starts from its longest cached prefix (:meth:`Runtime.fetch`: the
+prefill starts at ``fill.done``), and every request's KV cache goes to the
+prefix cache when it ends (:meth:`Runtime.keep`, :meth:`Runtime.keep_batched`).
+The oldest waiting prompt starts only when its KV memory fits beside the
+running requests (:meth:`Runtime.admit`); until then it and those behind it
+wait, in order.
 """
 
 from __future__ import annotations
@@ -40,7 +47,6 @@ class _Prefill:
 def serve_batched(rt: Runtime) -> None:
     """Serve jobs with continuous batching until stopped (see the module docstring)."""
     from mlx_lm.generate import BatchGenerator, StopSequences
-    from mlx_lm.models.cache import make_prompt_cache
 
     def make_generator() -> BatchGenerator:
         return BatchGenerator(
@@ -81,10 +87,12 @@ def serve_batched(rt: Runtime) -> None:
                 rt.finished(job)
             if filling is not None and filling.job.cancel.is_set():
                 filling.job.finish("cancelled")
+                rt.keep(filling.job, filling.cache, filling.job.prompt)
                 rt.finished(filling.job)
                 filling = None
             cancelled = [uid for uid, job in running.items() if job.cancel.is_set()]
             if cancelled:
+                rt.keep_batched(generator, cancelled, running)
                 generator.remove(cancelled)
                 for uid in cancelled:
                     job = running.pop(uid)
@@ -107,16 +115,18 @@ def serve_batched(rt: Runtime) -> None:
                     generator = make_generator()
                     continue
                 finished = []
+                ended = {r.uid: r for r in responses if r.finish_reason is not None}
                 for r in responses:
                     job = running.get(r.uid)
                     if job is None:
                         continue
-                    done = rt.guarded(job, job.on_token, int(r.token))
+                    done = rt.guarded(job, job.on_token, int(r.token), r.logprobs)
                     if not done and r.finish_reason is None:
                         done = rt.guarded(job, rt.step_done, job, "decode")
                     if done or r.finish_reason is not None:
                         finished.append(r.uid)
                 if finished:
+                    rt.keep_batched(generator, finished, running, ended)
                     # The generator already dropped those it finished itself.
                     generator.remove(finished)
                 for uid in finished:
@@ -128,11 +138,13 @@ def serve_batched(rt: Runtime) -> None:
             # Then one chunk of the oldest prompt. Prompts are prefilled one
             # at a time in arrival order, so the first buyer is not held
             # behind the others.
-            if filling is None and pending:
+            if filling is None and pending and rt.admit(pending[0], alone=not running):
                 job = pending.popleft()
                 try:
                     rt.start(job)
-                    filling = _Prefill(job, make_prompt_cache(rt.model))
+                    hit = rt.fetch(job)
+                    filling = _Prefill(job, hit.cache)
+                    filling.done = hit.tokens
                 except Exception as exc:
                     log.exception("%s: could not start", job.request_id)
                     job.fail(EngineError("error_internal", f"generation failed: {exc}"))
@@ -140,17 +152,18 @@ def serve_batched(rt: Runtime) -> None:
             if filling is None:
                 continue
             job = filling.job
-            token = None
+            first = None
             try:
-                token = prefill_chunk(rt, filling)
+                first = prefill_chunk(rt, filling)
             except Exception as exc:
                 log.exception("%s: prefill failed", job.request_id)
                 job.fail(EngineError("error_internal", f"generation failed: {exc}"))
-            if token is None and not job.done:
+            if first is None and not job.done:
                 continue  # more chunks to go
             if not job.done:
-                assert token is not None
-                done = rt.guarded(job, job.on_token, token)
+                assert first is not None
+                token, logprobs = first
+                done = rt.guarded(job, job.on_token, token, logprobs)
                 if not done:
                     done = rt.guarded(job, rt.step_done, job, "decode")
                 if not done:
@@ -161,8 +174,10 @@ def serve_batched(rt: Runtime) -> None:
                             [[token]],
                             max_tokens=[job.max_tokens],
                             caches=[filling.cache],
-                            all_tokens=[job.prompt],
+                            # A copy: the generator appends to it what it decodes.
+                            all_tokens=[list(job.prompt)],
                             samplers=[job.sampler],
+                            logits_processors=[job.logits_processors],
                             stop_sequences=[eos_stop],
                         )
                     except Exception as exc:
@@ -170,15 +185,17 @@ def serve_batched(rt: Runtime) -> None:
                         job.fail(EngineError("error_internal", f"generation failed: {exc}"))
                     else:
                         running[uid] = job
-            filling = None
             if job.done:
+                if job.stats.error is None:  # ended at its first token: keep its prompt
+                    rt.keep(job, filling.cache, job.prompt)
                 rt.finished(job)
+            filling = None
     finally:
         generator.close()
 
 
-def prefill_chunk(rt: Runtime, fill: _Prefill) -> int | None:
-    """Run the next chunk of ``fill``'s prompt; once it is all in, its first token.
+def prefill_chunk(rt: Runtime, fill: _Prefill) -> tuple[int, Any] | None:
+    """Run the next chunk of ``fill``'s prompt; once it is all in, its first token and logprobs.
 
     As in :func:`mlx_lm.generate.generate_step`: every prompt token but the
     last goes through the model in chunks of ``prefill_step_size``, then the
@@ -202,6 +219,12 @@ def prefill_chunk(rt: Runtime, fill: _Prefill) -> int | None:
         if n < rest or job.cancel.is_set():
             return None  # the next turn runs the next chunk, or ends a cancelled job
     logits = rt.model(mx.array(prompt[-1:])[None], cache=fill.cache)[:, -1, :]
+    if job.logits_processors:
+        # As generate_step does: the first call sees the prompt only.
+        tokens = mx.array(prompt)
+        for processor in job.logits_processors:
+            logits = processor(tokens, logits)
     assert job.sampler is not None
-    token = job.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-    return int(token.item())
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    token = job.sampler(logprobs)
+    return int(token.item()), logprobs[0]

@@ -114,3 +114,16 @@ def model_hash(path: Path) -> str:
     weights = sorted(path.glob("*.safetensors"))
     digest.update(json.dumps([[w.name, w.stat().st_size] for w in weights]).encode())
     return "sha256:" + digest.hexdigest()
+
+
+def logits_width(model: Any, config: dict[str, Any], tokenizer: Any) -> int:
+    """How many token ids the model scores (its vocabulary, padding included)."""
+    args = getattr(model, "args", None)
+    for value in (
+        getattr(args, "vocab_size", None),
+        config.get("vocab_size"),
+        (config.get("text_config") or {}).get("vocab_size"),
+    ):
+        if isinstance(value, int) and value > 0:
+            return value
+    return len(tokenizer)

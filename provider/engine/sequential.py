@@ -5,12 +5,18 @@ Requests run in arrival order through :func:`mlx_lm.generate.generate_step`
 step and, during prefill, after every chunk of ``prefill_step_size`` tokens;
 requests waiting behind the running one are swept at the same points, so a
 cancelled waiter ends at once.
+
+Each request starts from its longest cached prefix and leaves its KV cache
+to the prefix cache when it ends (:meth:`Runtime.fetch`,
+:meth:`Runtime.keep`). Eligible requests decode speculatively
+(:mod:`.speculative`): with the draft model, or by prompt lookup.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import Any
 
 from provider.engine import EngineError
 from provider.engine.job import GenerationJob
@@ -32,6 +38,7 @@ def serve_sequential(rt: Runtime) -> None:
         if rt.stopping.is_set():
             for job in pending:
                 job.finish("cancelled")
+                rt.finished(job)
             return
         if pending:
             _run_one(rt, pending.popleft(), pending)
@@ -51,9 +58,6 @@ def _sweep(rt: Runtime, pending: deque[GenerationJob], *, block: bool = False) -
 
 
 def _run_one(rt: Runtime, job: GenerationJob, pending: deque[GenerationJob]) -> None:
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-
     def progress(done: int, total: int) -> None:
         if 0 < done < total:
             job.stats.prefill_chunks += 1
@@ -62,20 +66,20 @@ def _run_one(rt: Runtime, job: GenerationJob, pending: deque[GenerationJob]) -> 
         if job.cancel.is_set() or rt.stopping.is_set():
             raise _Cancelled
 
+    cache: list[Any] | None = None
+    draft: list[Any] | None = None
+    # What the cache may hold: the prompt, then every token out.
+    seen = list(job.prompt)
     try:
         rt.start(job)
-        steps = generate_step(
-            mx.array(job.prompt),
-            rt.model,
-            rt.stream,
-            max_tokens=job.max_tokens,
-            sampler=job.sampler,
-            prefill_step_size=rt.prefill_step_size,
-            prompt_progress_callback=progress,
-        )
+        rt.admit(job, alone=True)
+        hit = rt.fetch(job, draft=rt.draft_model is not None)
+        cache, draft = hit.cache, hit.draft
+        steps = rt.token_steps(job, hit, progress)
         try:
-            for token, _ in steps:
-                if job.on_token(int(token)):
+            for token, logprobs, _ in steps:
+                seen.append(token)
+                if job.on_token(token, logprobs):
                     break
                 rt.step_done(job, "decode")
                 _sweep(rt, pending)
@@ -89,4 +93,7 @@ def _run_one(rt: Runtime, job: GenerationJob, pending: deque[GenerationJob]) -> 
     except Exception as exc:
         log.exception("%s: generation failed", job.request_id)
         job.fail(EngineError("error_internal", f"generation failed: {exc}"))
+        cache = None  # its state is unknown: do not keep it
+    # The draft cache moved only if the draft model ran.
+    rt.keep(job, cache, seen, draft=draft if job.stats.speculation == "draft" else None)
     rt.finished(job)

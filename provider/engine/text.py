@@ -11,19 +11,53 @@ from typing import Any
 from provider.openai.request import ChatCompletionRequest
 
 
+def template_tools(request: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The ``tools`` the chat template gets: the offered functions, OpenAI-shaped; None if off."""
+    functions = request.offered_tools()
+    if not functions:
+        return None
+    out = []
+    for f in functions:
+        function: dict[str, Any] = {"name": f.name}
+        if f.description is not None:
+            function["description"] = f.description
+        function["parameters"] = f.parameters or {"type": "object", "properties": {}}
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def template_kwargs(request: ChatCompletionRequest, tokenizer: Any) -> dict[str, Any]:
+    """Extra chat template variables: ``chat_template_kwargs``, and thinking on or off.
+
+    ``reasoning_effort: none`` turns a thinking model's thinking off (its
+    template's ``enable_thinking``); the buyer's ``chat_template_kwargs`` win.
+    """
+    kwargs: dict[str, Any] = {}
+    if request.reasoning_effort == "none" and getattr(tokenizer, "has_thinking", False):
+        kwargs["enable_thinking"] = False
+    kwargs.update(request.chat_template_kwargs or {})
+    return kwargs
+
+
 def encode_chat(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
     """Prompt token ids of ``request``: its messages through the model's chat template.
 
-    ``developer`` messages go in as ``system``. A tokenizer without a chat
-    template gets ``role: content`` lines and an ``assistant: `` cue. Raises
-    whatever the template raises.
+    ``developer`` messages go in as ``system``; assistant ``tool_calls`` and
+    ``tool`` messages go in as OpenAI sends them (arguments as a mapping);
+    the offered tools and :func:`template_kwargs` go to the template. A
+    tokenizer without a chat template gets ``role: content`` lines and an
+    ``assistant: `` cue (tools then cannot be offered: the engine refuses
+    them first). Raises whatever the template raises.
     """
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in request.messages
-    ]
+    messages = [m.template_dict() for m in request.messages]
     if tokenizer.has_chat_template:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        tools = template_tools(request)
+        extra: dict[str, Any] = template_kwargs(request, tokenizer)
+        if tools is not None:
+            extra["tools"] = tools
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, **extra
+        )
     else:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         ids = tokenizer.encode(text + "assistant: ")

@@ -179,6 +179,27 @@ def _text(value: Any) -> str:
     return "-" if value is None or value == "" else str(value)
 
 
+def _kv_rows(memory: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """KV memory and prefix cache rows, when the engine reported them."""
+    if "kv_budget_bytes" not in memory:
+        return []
+    cache = memory.get("prompt_cache") or {}
+    hit_rate = cache.get("hit_rate")
+    rate = f"{hit_rate:.0%}" if isinstance(hit_rate, int | float) else "-"
+    return [
+        (
+            "KV memory",
+            f"{_bytes(memory.get('kv_reserved_bytes'))} reserved of "
+            f"{_bytes(memory.get('kv_budget_bytes'))}",
+        ),
+        (
+            "prompt cache",
+            f"{_bytes(cache.get('bytes'))} of {_bytes(cache.get('max_bytes'))}, "
+            f"{_text(cache.get('entries'))} entries, hit rate {rate}",
+        ),
+    ]
+
+
 def _pct(value: Any) -> str:
     return f"{value:.1f}%" if isinstance(value, int | float) else "-"
 
@@ -256,7 +277,8 @@ def format_status_table(status: Mapping[str, Any], *, now: float | None = None) 
     (with ``slots_free`` and ``slots_total`` when present), ``totals``
     (``requests``, ``complete``, ``cancelled``, ``errors``, ``tokens_generated``),
     ``model`` (``id``, ``params_b``, ``loading``, ``max_context_tokens``),
-    ``memory`` (``rss_bytes``), ``host`` (``chip``, ``cpu_cores``,
+    ``memory`` (``rss_bytes``; ``kv_reserved_bytes``, ``kv_budget_bytes`` and
+    ``prompt_cache`` when the engine reports them), ``host`` (``chip``, ``cpu_cores``,
     ``gpu_cores``, ``memory_pressure``, ``thermal_state``, ``power_source``,
     ``cpu_pct``, ``gpu_pct``, ``guard``, ``holding_back``; its rows are left
     out when it is absent), ``reconnects``, ``uptime_s``. ``now`` (default:
@@ -308,11 +330,13 @@ def format_status_table(status: Mapping[str, Any], *, now: float | None = None) 
         ("tokens generated", _text(totals.get("tokens_generated"))),
         ("model", model_text),
         ("memory (RSS)", _bytes(memory.get("rss_bytes"))),
+        *_kv_rows(memory),
         ("reconnects", _text(status.get("reconnects"))),
         ("uptime", _duration(status.get("uptime_s"))),
     ]
     if host:
-        rows[11:11] = [
+        at = next(i for i, (name, _) in enumerate(rows) if name == "reconnects")
+        rows[at:at] = [
             ("chip", _chip_text(host)),
             ("host", _host_text(host)),
             ("cpu / gpu", f"{_pct(host.get('cpu_pct'))} / {_pct(host.get('gpu_pct'))}"),

@@ -25,6 +25,8 @@ LIST_CAP = 3
 
 def _for(info: mi.Type) -> st.SearchStrategy[Any]:
     if isinstance(info, mi.StrType):
+        if info.pattern is not None:
+            return st.from_regex(info.pattern, fullmatch=True)
         lo = info.min_length or 0
         hi = info.max_length if info.max_length is not None else max(lo, STR_CAP)
         return st.one_of(
@@ -90,14 +92,17 @@ def valid_struct(cls: type[msgspec.Struct]) -> st.SearchStrategy[Any]:
 
 
 @st.composite
-def reserialized(draw: st.DrawFn, encoded: bytes) -> str:
-    """The same JSON object, written differently: key order, unknown keys, escapes, spaces."""
+def reserialized(draw: st.DrawFn, encoded: bytes, *, unknown_keys: bool = True) -> str:
+    """The same JSON object, written differently: key order, unknown keys, escapes, spaces.
+
+    ``unknown_keys`` False for bodies that refuse unknown fields (chat requests).
+    """
     obj = json.loads(encoded)
     assert isinstance(obj, dict)
     items = list(obj.items())
     order = draw(st.permutations(range(len(items))))
     out = {items[i][0]: items[i][1] for i in order}
-    for key in draw(st.lists(edge_text(8), max_size=3)):
+    for key in draw(st.lists(edge_text(8), max_size=3 if unknown_keys else 0)):
         if key not in obj:
             out[key] = draw(json_values(6))
     indent = draw(st.sampled_from([None, 0, 2, "\t"]))

@@ -236,7 +236,7 @@ def test_every_valid_chat_request_decodes(req: ChatCompletionRequest, data: st.D
     encoded = encode(req)
     assume(len(encoded) <= 2 * 1024 * 1024)
     assert decode_chat_request(encoded) == req
-    assert decode_chat_request(data.draw(reserialized(encoded))) == req
+    assert decode_chat_request(data.draw(reserialized(encoded, unknown_keys=False))) == req
 
 
 def test_unicode_edge_strings_survive_a_round_trip() -> None:

@@ -53,6 +53,10 @@ def test_flags_alone_need_no_file(tmp_path: Path) -> None:
         ("max_concurrency = 0", {}, "max_concurrency"),
         ('status_host = "0.0.0.0"', {}, "status_host"),
         ("this is = = not toml", {}, "TOML"),
+        ("kv_bits = 5", {}, "kv_bits"),
+        ("", {"MLX_PROVIDER_KV_GROUP_SIZE": "48"}, "kv_group_size"),
+        ('prompt_lookup = "sometimes"', {}, "prompt_lookup"),
+        ("prompt_cache_bytes = -1", {}, "prompt_cache_bytes"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, env: dict, needle: str) -> None:
@@ -116,6 +120,22 @@ def test_provider_id_generated_once(tmp_path: Path) -> None:
     assert first.provider_id and tomllib.loads(f.read_text())["provider_id"] == first.provider_id
     again, _ = load_config(f, environ={}, overrides={"coordinator_url": URL, "model": "m"})
     assert ensure_provider_id(again, f).provider_id == first.provider_id
+
+
+def test_memory_and_speed_keys(tmp_path: Path) -> None:
+    f = write(
+        tmp_path / "c.toml",
+        f'coordinator_url = "{URL}"\nmodel = "/m"\nprompt_cache_bytes = 1073741824\n'
+        'draft_model = "/draft"\nkv_bits = 4\n',
+    )
+    env = {"MLX_PROVIDER_MEMORY_BUDGET_BYTES": "8000000000", "MLX_PROVIDER_PROMPT_LOOKUP": "off"}
+    cfg, _ = load_config(f, environ=env)
+    assert cfg.prompt_cache_bytes == 1 << 30 and cfg.memory_budget_bytes == 8_000_000_000
+    assert (cfg.draft_model, cfg.kv_bits, cfg.kv_group_size) == ("/draft", 4, 64)
+    assert (cfg.prompt_lookup, cfg.num_draft_tokens, cfg.prompt_cache_entries) == ("off", 3, 32)
+    defaults, _ = load_config(None, environ={}, overrides={"coordinator_url": URL, "model": "x"})
+    assert defaults.prompt_cache_bytes is None and defaults.memory_budget_bytes is None
+    assert defaults.kv_bits is None and defaults.prompt_lookup == "auto"
 
 
 @pytest.mark.parametrize("token", ["t", "ok", "x" * (MIN_TOKEN_LENGTH - 1)])

@@ -136,12 +136,13 @@ def test_chat_request_limits() -> None:
     ok = decode_chat_request(
         b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],'
         b'"max_completion_tokens":5,"stop":"x","stream":true,'
-        b'"stream_options":{"include_usage":true},"unknown_field":1}'
+        b'"stream_options":{"include_usage":true}}'
     )
     assert ok.messages[0].text() == "hi" and ok.token_limit() == 5
     assert ok.stop_list() == ["x"] and ok.include_usage()
     for body, field in [
         (b'{"messages":[]}', "$.messages"),
+        (b'{"messages":[{"role":"user","content":"x"}],"unknown_field":1}', "$.unknown_field"),
         (b'{"messages":[{"role":"user","content":"x"}],"n":2}', "$.n"),
         (b'{"messages":[{"role":"user","content":"x"}],"temperature":3}', "$.temperature"),
         (b'{"messages":[{"role":"robot","content":"x"}]}', "$.messages[0].role"),

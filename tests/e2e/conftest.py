@@ -19,12 +19,21 @@ import pytest
 from coordinator_stub.app import CoordinatorStub
 from provider.engine.mlx import MlxEngine
 from provider.testing.model import build_test_model
+from provider.testing.templates import QWEN25_TOOLS, with_chat_template
 from tests.session.conftest import PID, Running, provider_config, running, stub_config
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_test_model(tmp_path_factory.mktemp("e2e-model") / "tiny", size="tiny", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tool_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a Qwen2.5-style tool template (mlx-lm's json_tools parser)."""
+    return with_chat_template(
+        model_dir, tmp_path_factory.mktemp("e2e-tools") / "tiny-tools", QWEN25_TOOLS
+    )
 
 
 @pytest.fixture(scope="session")
@@ -56,19 +65,23 @@ def starter(model_dir: Path) -> Starter:
 
     @contextlib.asynccontextmanager
     async def start(
-        *, stub_options: dict[str, Any] | None = None, **options: Any
+        *,
+        stub_options: dict[str, Any] | None = None,
+        model: Path | None = None,
+        **options: Any,
     ) -> AsyncIterator[System]:
+        path = model or model_dir
         config_options = {
             k: options.pop(k) for k in ("max_concurrency", "max_context_tokens") if k in options
         }
         async with CoordinatorStub(stub_config(**(stub_options or {}))) as stub:
             engine = MlxEngine(
-                model_dir,
+                path,
                 max_concurrency=config_options.get("max_concurrency", 1),
                 max_context_tokens=config_options.get("max_context_tokens"),
                 **options,
             )
-            config = provider_config(stub, model=str(model_dir), **config_options)
+            config = provider_config(stub, model=str(path), **config_options)
             async with running(config, engine) as run:
                 await stub.wait_provider_state(PID, "ready", timeout=60)
                 if not stub.config.warmup_gate:
@@ -86,7 +99,7 @@ def starter(model_dir: Path) -> Starter:
                     base_url=f"{stub.http_url}/v1", api_key="buyer", max_retries=0
                 )
                 try:
-                    yield System(stub, run, engine, buyer, model_dir.name)
+                    yield System(stub, run, engine, buyer, path.name)
                 finally:
                     await buyer.close()
 

@@ -28,3 +28,4 @@ async def collect(
 
 def text_of(batches: list[TokenBatch]) -> str:
     return "".join(b.text for b in batches)
+

@@ -52,7 +52,7 @@ def run(pieces: list[str], stop: list[str], max_tokens: int = 100) -> tuple[list
     emitted = []
     for token in [*range(len(pieces)), EOS]:
         finished = job.on_token(token)
-        text = job.take()[0]  # what one hand-off would carry
+        text = job.take().text  # what one hand-off would carry
         if text:
             emitted.append(text)
         if finished:

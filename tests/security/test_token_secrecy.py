@@ -47,11 +47,11 @@ class ExplodingEngine(ScriptedEngine):
     """Fails, with the token in the exception, on prompts containing ``[explode]``."""
 
     async def generate(  # type: ignore[override]
-        self, request: ChatCompletionRequest, cancel: threading.Event
+        self, request: ChatCompletionRequest, cancel: threading.Event, **hints: Any
     ) -> AsyncIterator[Any]:
         if "[explode]" in request.messages[-1].text():
             raise RuntimeError(f"engine exploded; Authorization: Bearer {TOKEN}; token={TOKEN}")
-        async for batch in super().generate(request, cancel):
+        async for batch in super().generate(request, cancel, **hints):
             yield batch
 
 

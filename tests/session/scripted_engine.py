@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from provider.engine import EngineError, ModelInfo, TokenBatch
+from provider.engine import EngineError, MemoryStatus, ModelInfo, TokenBatch
 from provider.openai.request import ChatCompletionRequest
 
 
@@ -31,6 +31,8 @@ class ScriptedEngine:
     context_limit: int = 4096
     words: tuple[str, ...] = ("ok", " yes", " fine")
     started: list[str] = field(default_factory=list)
+    #: The conversation_key hint of every request that had one, in order.
+    conversation_keys: list[str] = field(default_factory=list)
     _info: ModelInfo | None = None
     _loading: bool = False
     _active: int = 0
@@ -58,8 +60,14 @@ class ScriptedEngine:
             self._loading = False
 
     async def generate(
-        self, request: ChatCompletionRequest, cancel: threading.Event
+        self,
+        request: ChatCompletionRequest,
+        cancel: threading.Event,
+        *,
+        conversation_key: str | None = None,
     ) -> AsyncIterator[TokenBatch]:
+        if conversation_key is not None:
+            self.conversation_keys.append(conversation_key)
         prompt = sum(len(m.text()) for m in request.messages)
         if prompt > self.context_limit:
             raise EngineError(
@@ -116,6 +124,13 @@ class ScriptedEngine:
             cancel.set()
             await asyncio.to_thread(thread.join)
             self._active -= 1
+
+    def estimated_wait_ms(self, context_tokens: int) -> int:
+        # One request at a time here: each running one has its tokens to go.
+        return int(self._active * self.tokens * self.step_s * 1000)
+
+    def memory_status(self) -> MemoryStatus | None:
+        return None
 
     async def warm_up(self) -> None:
         await asyncio.to_thread(time.sleep, self.step_s * 2)
