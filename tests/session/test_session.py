@@ -534,7 +534,7 @@ async def test_fatal_close_code_stops_the_agent() -> None:
                        "provider_id": PID, "status_port": 0},
         )  # fmt: skip
         async with running(config) as run:
-            assert await asyncio.wait_for(run.task, 5) == 0
+            assert await asyncio.wait_for(run.task, 30) == 0
             assert "4009" in run.agent.exit_reason and "banned" in run.agent.exit_reason
 
 
