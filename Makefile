@@ -33,8 +33,11 @@ test: $(STAMP)
 test-floors: $(STAMP)
 	$(BIN)/python .ci/floors.py --venv $(FLOORS_VENV)
 
+# make demo PROFILE=production: the stub with the real coordinator's production
+# gates, the provider bootstrapping its token with a referral code.
+PROFILE ?= dev
 demo: $(STAMP)
-	$(BIN)/mlx-provider demo
+	$(BIN)/mlx-provider demo --profile $(PROFILE)
 
 clean:
 	rm -rf $(VENV) $(FLOORS_VENV) .pytest_cache build *.egg-info

@@ -10,6 +10,7 @@ that window shut; this counts what still gets through it.
 Prints ONE JSON line on stdout; progress goes to stderr.
 
     python bench/back_to_back.py --requests 200
+    python bench/back_to_back.py --requests 200 --protocol v1
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import relay
 
 
-async def run(model: Path, requests: int, max_tokens: int) -> dict[str, Any]:
+async def run(model: Path, requests: int, max_tokens: int, protocol: str) -> dict[str, Any]:
     import aiohttp
 
     refused = 0
     other: dict[int, int] = {}
     async with (
-        relay.serving(model, max_concurrency=1) as url,
+        relay.serving(model, max_concurrency=1, protocol=protocol) as url,
         aiohttp.ClientSession() as http,
     ):
         for i in range(requests):
@@ -51,7 +52,12 @@ async def run(model: Path, requests: int, max_tokens: int) -> dict[str, Any]:
                     async for line in resp.content:
                         if line.strip() == b"data: [DONE]":
                             break
-    return {"requests": requests, "refused_503": refused, "other_errors": other}
+    return {
+        "protocol": protocol,
+        "requests": requests,
+        "refused_503": refused,
+        "other_errors": other,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     relay.add_model_args(parser)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--protocol", choices=["v1", "v2"], default="v2")
     args = parser.parse_args(argv)
     if why := relay.end_to_end_available():
         parser.error(why)
     with relay.model_dir(args) as model:
-        result = asyncio.run(run(model, args.requests, args.max_tokens))
+        result = asyncio.run(run(model, args.requests, args.max_tokens, args.protocol))
     print(json.dumps(result), flush=True)
     return 0
 

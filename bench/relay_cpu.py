@@ -6,12 +6,18 @@ relay's own cost is worth measuring apart from decode speed, which this host
 makes noisy. Here a thread plays the generation thread: 128 tokens at about
 1,400 tok/s (the tiny test model's speed), holding the GIL for part of each
 step as graph building does, handing text over through the engine's real
-hand-off (``_Job.publish``, every ``--interval-ms``). The event loop relays
+hand-off (``GenerationJob.publish``, every ``--interval-ms``). The event loop relays
 it two ways to a WebSocket sink in another process:
 
-- ``relay``: what ``mlx-provider`` does, :func:`provider.coordinator.jobs.relay` writing
-  through :class:`provider.coordinator.sender.Sender`;
+- ``relay``: what ``mlx-provider`` does on v1, :func:`provider.coordinator.jobs.relay`
+  writing through :class:`provider.coordinator.sender.Sender`;
+- ``relay_v2``: the same on the v2 encrypted leg: each chunk and the end
+  frame sealed (plaintext envelope, AES-256-GCM, base64url) as the session
+  seals them, with keys from a real X25519 exchange;
 - ``bare``: one ``ws.send`` per hand-off, the least any relay can do.
+
+``relay`` and ``relay_v2`` alternate in ``--rounds`` rounds (this host drifts);
+each figure is the median over rounds.
 
 Prints ONE JSON line: loop-thread CPU per request and per frame, and event
 loop iterations per frame, for both. Progress goes to stderr.
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import threading
 import time
@@ -35,11 +42,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from websockets.asyncio.client import connect
 
-from provider.coordinator.jobs import Job, relay
-from provider.coordinator.messages import InferenceResponseChunk, encode_text
+from provider.coordinator import tier2
+from provider.coordinator.jobs import Job, Outcome, end_frame, relay
+from provider.coordinator.messages import (
+    EncryptedChunk,
+    EncryptedEnd,
+    InferenceResponseChunk,
+    encode,
+    encode_text,
+)
 from provider.coordinator.sender import Sender
 from provider.engine import TokenBatch
-from provider.engine.mlx import MlxEngine, RequestStats, _Job
+from provider.engine.job import GenerationJob, RequestStats
+from provider.engine.mlx import MlxEngine
 from provider.openai.request import ChatCompletionRequest, ChatMessage
 
 TOKENS = 128
@@ -76,7 +91,7 @@ class FakeGeneration:
         self, request: ChatCompletionRequest, cancel: threading.Event
     ) -> AsyncIterator[TokenBatch]:
         stats = RequestStats(request_id="r", prompt_tokens=128, max_tokens=TOKENS)
-        job = _Job(
+        job = GenerationJob(
             request_id="r", prompt=[0] * 128, max_tokens=TOKENS, temperature=0.0, top_p=1.0,
             seed=None, stop=[], cancel=cancel, loop=asyncio.get_running_loop(), stats=stats,
             handoff_interval=self.interval,
@@ -136,6 +151,36 @@ async def measure(
     }
 
 
+def encrypted_leg() -> tier2.EncryptedLeg:
+    """A leg keyed the way a v2 handshake keys it (both X25519 halves here)."""
+    ours, theirs = tier2.generate_key(), tier2.generate_key()
+    keys = tier2.derive_keys(
+        tier2.shared_secret(ours, tier2.public_bytes(theirs)),
+        "relay-cpu",
+        "00000000-0000-0000-0000-000000000000",
+        tier2.public_bytes(ours),
+        tier2.public_bytes(theirs),
+        tier2.AEAD_SUITE,
+    )
+    return tier2.EncryptedLeg(
+        keys, "relay-cpu", "00000000-0000-0000-0000-000000000000", chunk_envelope=True
+    )
+
+
+def sealer(leg: tier2.EncryptedLeg) -> Callable[[Any], Any]:
+    """``Session._seal``: a chunk or end frame as it goes out on the encrypted leg."""
+
+    def seal(msg: Any) -> Any:
+        if isinstance(msg, InferenceResponseChunk):
+            plaintext = leg.chunk_plaintext(msg.seq, msg.data)
+            enc = leg.seal("inference_response_chunk", msg.request_id, True, plaintext)
+            return EncryptedChunk(request_id=msg.request_id, enc=enc)
+        enc = leg.seal("inference_response_end", msg.request_id, True, encode(msg))
+        return EncryptedEnd(request_id=msg.request_id, enc=enc)
+
+    return seal
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     sink = await asyncio.create_subprocess_exec(
         sys.executable, "-c", SINK, stdout=asyncio.subprocess.PIPE, cwd="/"
@@ -155,11 +200,31 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
             async def via_relay() -> int:
                 job = Job(request_id="r", stream=True)
-                await relay(
+                outcome = await relay(
                     job, request, engine, sender.send, model_id="m",  # type: ignore[arg-type]
                     chunk_interval=interval, post=sender.post,
                 )  # fmt: skip
-                return job.chunks_sent
+                sender.post(end_frame(job, outcome, model_hash=None, terminal_ts_ms=0))
+                return job.chunks_sent + 1
+
+            leg = encrypted_leg()
+            seal = sealer(leg)
+
+            async def via_relay_v2() -> int:
+                job = Job(request_id="r", stream=True)
+
+                def send(chunk: InferenceResponseChunk) -> Awaitable[None]:
+                    return sender.send(seal(chunk))
+
+                def post(chunk: InferenceResponseChunk) -> None:
+                    sender.post(seal(chunk))
+
+                outcome: Outcome = await relay(
+                    job, request, engine, send, model_id="m",  # type: ignore[arg-type]
+                    chunk_interval=interval, post=post,
+                )  # fmt: skip
+                sender.post(seal(end_frame(job, outcome, model_hash=None, terminal_ts_ms=0)))
+                return job.chunks_sent + 1
 
             async def bare() -> int:
                 frames = 0
@@ -169,21 +234,38 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     frames += 1
                 return frames
 
-            result = {
-                "relay": await measure("relay", via_relay, args.requests, iterations),
-                "bare": await measure("bare", bare, args.requests, iterations),
-            }
+            ways = {"relay": via_relay, "relay_v2": via_relay_v2}
+            rounds: dict[str, list[dict[str, float]]] = {name: [] for name in ways}
+            for i in range(args.rounds):
+                for name in list(ways) if i % 2 == 0 else list(ways)[::-1]:
+                    rounds[name].append(await measure(name, ways[name], args.requests, iterations))
+            result = {name: median_of(runs) for name, runs in rounds.items()}
+            result["bare"] = await measure("bare", bare, args.requests, iterations)
             writer.cancel()
-        return {"interval_ms": args.interval_ms, "requests": args.requests, **result}
+        v1, v2 = result["relay"], result["relay_v2"]
+        return {
+            "interval_ms": args.interval_ms,
+            "requests": args.requests,
+            "rounds": args.rounds,
+            **result,
+            "v2_extra_loop_cpu_ms_per_request": round(
+                v2["loop_cpu_ms_per_request"] - v1["loop_cpu_ms_per_request"], 3
+            ),
+        }
     finally:
         sink.kill()
         await sink.wait()
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: round(statistics.median(r[key] for r in runs), 3) for key in runs[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=80, help="requests per way")
     parser.add_argument("--interval-ms", type=float, default=20.0, help="hand-off interval")
+    parser.add_argument("--rounds", type=int, default=5, help="relay / relay_v2 alternations")
     args = parser.parse_args(argv)
     print(json.dumps(asyncio.run(bench(args))))
     return 0

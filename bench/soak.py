@@ -8,7 +8,12 @@ non-streaming and buyer-cancelled chat completions (random prompts, 4-64
 max_tokens) through the stub's OpenAI API, while every ``--fault-every``
 seconds one fault from a fixed cycle is injected: drop, stalled reads, drop
 then refused connections, drop then accept-then-close, delayed frames,
-duplicated frames, coordinator restart on the same ports.
+duplicated frames, coordinator restart on the same ports. The provider speaks
+protocol v2 (``--protocol``; v1 for older coordinators): every request and
+answer goes over the encrypted leg, so a frame the stub writes twice is a
+replay, which the provider refuses by name (``tier2_aead_decrypt_failed``,
+logged as an error and counted apart) and on which the stub closes the leg
+as the real coordinator does; the provider then reconnects with fresh keys.
 
 What it measures:
 
@@ -21,7 +26,8 @@ What it measures:
 - the longest gap between heartbeats the stub received while the provider
   was connected (hello to first heartbeat included; gaps spanning a stall
   are excluded and listed; gaps across a reconnect are reconnect times).
-- reconnect times: a session's drop to the provider's next hello.
+- reconnect times: a session's drop to the provider's next registration
+  (``hello`` or ``auth_request``).
 - the provider's RSS after warm-up and at the end, and its exit code after
   SIGTERM (it must drain and exit 0).
 
@@ -29,7 +35,8 @@ Prints ONE JSON object on stdout (exit status 1 if a check failed);
 progress goes to stderr, logs to a temp directory named in the JSON.
 
     python bench/soak.py --minutes 10
-    python bench/soak.py --minutes 2 --fault-every 15 --seed 1
+    python bench/soak.py --minutes 3 --fault-every 20
+    python bench/soak.py --minutes 2 --fault-every 15 --seed 1 --protocol v1
 """
 
 from __future__ import annotations
@@ -166,25 +173,27 @@ class Soak:
 
 
 def provider_env(workdir: Path) -> dict[str, str]:
-    # Keep the user's own config file and MLX_PROVIDER_* settings out of the run.
+    # Keep the user's own config file, keys and MLX_PROVIDER_* settings out of the run.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_PROVIDER_")}
     config = workdir / "provider.toml"
-    config.write_text("")
+    # The stub serves no catalog here (its dev profile admits without one).
+    config.write_text('catalog_feed_url = "off"\n')
     config.chmod(0o600)
     env["MLX_PROVIDER_CONFIG"] = str(config)
+    env["HOME"] = str(workdir / "home")  # the receipt key and model-identity cache
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
 async def start_provider(
-    ws_url: str, model: str, max_concurrency: int, workdir: Path
+    ws_url: str, model: str, max_concurrency: int, workdir: Path, protocol: str
 ) -> asyncio.subprocess.Process:
     with (workdir / "provider.log").open("wb") as log:
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "provider", "serve", "--coordinator", ws_url,
             "--model", model, "--provider-id", PROVIDER_ID, "--token", TOKEN,
             "--max-concurrency", str(max_concurrency), "--status-port", "0",
-            "--log-level", "info", "--protocol", "v1",
+            "--log-level", "info", "--protocol", protocol,
             cwd=ROOT, env=provider_env(workdir), stdin=asyncio.subprocess.DEVNULL,
             stdout=log, stderr=log,
         )  # fmt: skip
@@ -223,6 +232,10 @@ async def sample_rss(soak: Soak, pid: int) -> float | None:
     if value is not None:
         soak.rss_samples.append((soak.at(), value))
     return value
+
+
+#: The error the provider logs for a replayed sealed frame (the duplicate fault on v2).
+REPLAY_ERROR = "does not decrypt"
 
 
 def error_log_lines(path: Path) -> list[str]:
@@ -271,6 +284,15 @@ def current_session(stub: CoordinatorStub) -> int | None:
     return record.session_id if record is not None and record.connected else None
 
 
+def registration_times(stub: CoordinatorStub) -> list[tuple[int, float]]:
+    """(session, time) of each registration: its ``hello`` or first ``auth_request``."""
+    first: dict[int, float] = {}
+    for kind in ("hello", "auth_request"):
+        for frame in stub.frames_received(PROVIDER_ID, kind):
+            first.setdefault(frame.session_id, frame.time)
+    return sorted(first.items(), key=lambda item: item[1])
+
+
 def harvest(soak: Soak, stub: CoordinatorStub) -> None:
     """Copy what a stopped stub saw; its frame log goes away with it."""
     heartbeats: dict[int, list[float]] = defaultdict(list)
@@ -284,7 +306,7 @@ def harvest(soak: Soak, stub: CoordinatorStub) -> None:
             index=len(soak.generations),
             heartbeats=dict(heartbeats),
             heartbeat_bytes=sizes,
-            hellos=[(f.session_id, f.time) for f in stub.frames_received(PROVIDER_ID, "hello")],
+            hellos=registration_times(stub),
             drops=[d for d in stub.drops if d.provider_id == PROVIDER_ID],
             rejections=stub.rejections,
             counters=stub.pool.counters(),
@@ -757,6 +779,10 @@ def build_report(
         if not any(a - restart_margin <= t <= b + restart_margin for a, b in soak.restart_windows)
     )
     gap = heartbeat["heartbeat_max_gap_s"]
+    # On the encrypted leg the duplicate fault is a replay: refusing it is
+    # the provider doing its job, logged as an error on purpose.
+    replays = [e for e in errors if soak.args.protocol == "v2" and REPLAY_ERROR in e]
+    errors = [e for e in errors if e not in replays]
     checks = {
         "lost_requests_zero": not soak.lost,
         "heartbeat_max_gap_under_6s": gap is not None and gap < HEARTBEAT_GAP_TARGET_S,
@@ -796,12 +822,14 @@ def build_report(
         "provider_exit_code": exit_code,
         "provider_killed_after_sigterm": killed,
         "provider_error_log_lines": errors[:10],
+        "provider_replays_refused": len(replays),
         "stub_counters": merged_counters(soak),
         "stub_generations": len(soak.generations),
         "checks": checks,
         "ok": all(checks.values()),
         "settings": {
             "minutes": args.minutes,
+            "protocol": args.protocol,
             "buyers": args.buyers,
             "max_concurrency": args.max_concurrency,
             "model": args.model or "tiny test model (built)",
@@ -882,7 +910,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     config = StubConfig(frame_log_size=frame_log)
     soak = Soak(args=args, config=config, stub=await start_stub(config))
     soak.http_url = soak.stub.http_url
-    proc = await start_provider(soak.stub.ws_url, model, args.max_concurrency, workdir)
+    proc = await start_provider(
+        soak.stub.ws_url, model, args.max_concurrency, workdir, args.protocol
+    )
     say(f"stub ws={soak.stub.ws_url} http={soak.http_url}; provider pid={proc.pid}")
     rss_start = rss_end = None
     exit_code: int | None = None
@@ -928,6 +958,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="model directory (default: build the tiny test model)")
     p.add_argument("--fault-every", type=float, default=60.0, metavar="S")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--protocol",
+        choices=["v1", "v2"],
+        default="v2",
+        help="the provider's protocol (default v2: the encrypted leg)",
+    )
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.buyers < 1 or args.fault_every <= 0:
         p.error("--minutes and --fault-every must be > 0, --buyers >= 1")

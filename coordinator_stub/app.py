@@ -441,6 +441,28 @@ class CoordinatorStub:
         """Send ``cancel_request`` for a request in flight; whether one was sent."""
         return self.ws.relay.cancel(request_id, reason)
 
+    async def send_request(
+        self,
+        provider_id: str,
+        body: str,
+        *,
+        stream: bool = False,
+        request_id: str | None = None,
+    ) -> Flight:
+        """Send an ``inference_request`` to ``provider_id`` as the relay sends a buyer's.
+
+        Bypasses routing (the provider may be busy, draining or loading) but
+        nothing else: on a tier-2 session the body is sealed with the next
+        c2p sequence number, settlement metadata is attached when the
+        provider qualifies, and the answer is checked like any other. The
+        returned :class:`Flight` yields the chunks and the end. ``KeyError``
+        if not connected.
+        """
+        session = self.ws.session(provider_id)
+        return await self.ws.relay.dispatch(
+            body, stream=stream, session=session, request_id=request_id
+        )
+
     async def send_raw(self, provider_id: str, data: str | bytes) -> None:
         """Write any frame (TEXT for ``str``, BINARY for ``bytes``) to the provider."""
         await self.ws.session(provider_id).send_raw(data)

@@ -115,6 +115,8 @@ T = TypeVar("T")
 HANDSHAKE_TIMEOUT_S = 10.0
 #: After a self-minted token: close, wait this long, reconnect with Bearer.
 TOKEN_UPGRADE_GRACE_S = 2.0
+#: Admitted without a validated Bearer: the coordinator does not route to the session.
+UNROUTED_AUTH_STATES = frozenset({"self_minted", "bearerless_duplicate"})
 #: How often the leg's rekey thresholds are looked at without in-band rekey.
 REKEY_CHECK_S = 5.0
 
@@ -453,8 +455,8 @@ class Session:
             raise ConnectionLost("handshake_failed", f"expected hello_ack, got {what}")
         self.heartbeat_interval_s = ack.heartbeat_interval_s
         if ack.assigned_provider_token:
-            # Persisted before use: a crash right after must not lose it.
-            self.owner.adopt_token(ack.assigned_provider_token)
+            await self._take_token(ack.assigned_provider_token, ack.auth_state, background)
+        self._warn_unrouted(ack.auth_state)
         if ack.required_binary_version:
             log.warning(
                 "coordinator requires binary version %s (we are %s)",
@@ -514,14 +516,10 @@ class Session:
             raise ConnectionLost("handshake_failed", problem)
         self._reconcile_admission_identity(response)
         if response.assigned_provider_token:
-            # Persisted before it is used; only a Bearer session is routable.
-            owner.adopt_token(response.assigned_provider_token)
-            await self._upgrade_token(background, bootstrap=bootstrap)
-        if response.auth_state and response.auth_state != "bearer_validated":
-            log.warning(
-                "admitted as %s: the coordinator will not route requests to this session",
-                response.auth_state,
+            await self._take_token(
+                response.assigned_provider_token, response.auth_state, background, bootstrap
             )
+        self._warn_unrouted(response.auth_state)
         leg = response.tier2_session.encrypted_leg  # type: ignore[union-attr]
         self.leg = tier2.EncryptedLeg(
             keys,
@@ -608,6 +606,33 @@ class Session:
             asyncio.sleep(HANDSHAKE_TIMEOUT_S), background, HANDSHAKE_TIMEOUT_S + 1, "close"
         )
         raise ConnectionLost("auth_rejected", f"{code}: {message}".strip(": "))
+
+    async def _take_token(
+        self,
+        token: str,
+        auth_state: str | None,
+        background: list[asyncio.Task[Any]],
+        bootstrap: bool = False,
+    ) -> None:
+        """Persist a token the coordinator minted, then reconnect with it if that is
+        what makes us routable (a bootstrap, a self-minted or bearerless session).
+
+        Persisted before use: a crash right after must not lose it. A token
+        handed to a session that is routable already is only kept for the
+        next connection: reconnecting for it would gain nothing.
+        """
+        self.owner.adopt_token(token)
+        if self.owner.token != token:
+            return  # refused; the owner said why
+        if bootstrap or auth_state in UNROUTED_AUTH_STATES:
+            await self._upgrade_token(background, bootstrap=bootstrap)
+
+    def _warn_unrouted(self, auth_state: str | None) -> None:
+        if auth_state in UNROUTED_AUTH_STATES:
+            log.warning(
+                "admitted as %s: the coordinator will not route requests to this session",
+                auth_state,
+            )
 
     async def _upgrade_token(self, background: list[asyncio.Task[Any]], *, bootstrap: bool) -> None:
         """Reconnect with the new token: only a Bearer-validated session is routed."""

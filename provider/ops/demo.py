@@ -11,6 +11,15 @@ warm-up inference), streams one chat completion through the stub's
 OpenAI-compatible HTTP API to the terminal, prints the stub's
 ``/v1/status`` and the timings, then stops both with SIGTERM (the provider
 drains) and checks that they exit 0.
+
+``--profile production`` runs the stub with the gates of the real
+coordinator's production configuration (binary floor, tokens, referral codes,
+an accepted compatibility set, the signed catalog with the model's row and
+``require_hash_verified``, the encrypted leg, settlement ``enforce``) and the
+provider as a new owner would start it: a config file with a referral code
+and no token. The provider bootstraps a token, reconnects with it, is routed
+once its receipt key is committed, and every answer's receipt is verified.
+Its config file, keys and token stay in the demo's work directory.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +41,11 @@ from typing import Any
 import aiohttp
 
 READY_LINE = re.compile(r"^ready ws=(\S+) http=(\S+)$")
+#: The production demo: a first start with a referral code, no token.
+DEMO_REFERRAL = "demo-referral"
+DEMO_COMPATIBILITY_SET = "Augustas11/macprovider:v1.8.123@" + "0" * 40
+#: Above the production floor (1.8.33): what this build's protocol corresponds to.
+DEMO_BINARY_VERSION = "1.8.123"
 #: For a model of the buyer's choosing, and for the random-weight one.
 DEFAULT_PROMPT = "Tell me a short story about a lighthouse."
 DEFAULT_MAX_TOKENS = 48
@@ -64,6 +79,13 @@ def register(sub: Any) -> None:
         type=int,
         help=f"completion limit (default: {REAL_MAX_TOKENS} for SmolLM2, "
         f"else {DEFAULT_MAX_TOKENS})",
+    )
+    p.add_argument(
+        "--profile",
+        choices=["dev", "production"],
+        default="dev",
+        help="the stub's admission gates: dev (permissive, a provider token) or production "
+        "(the real coordinator's gates; the provider bootstraps with a referral code)",
     )
     p.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
     p.set_defaults(func=cmd_demo)
@@ -115,6 +137,43 @@ def ready_in(event: Any, provider_id: str) -> bool:
     if isinstance(event, list):
         return any(ready_in(v, provider_id) for v in event)
     return False
+
+
+async def wait_routable(http: aiohttp.ClientSession, url: str, provider_id: str) -> dict[str, Any]:
+    """Await the stub routing ``provider_id``; its ``/v1/status`` entry.
+
+    Ready is not enough in production: the coordinator routes a provider only
+    once it is Bearer-validated, its receipt key committed and its model hash
+    verified against the catalog.
+    """
+    async with http.get(f"{url}/v1/events") as events:
+        async for raw in events.content:
+            if not raw.decode().startswith("data:"):
+                continue
+            async with http.get(f"{url}/v1/status") as resp:
+                status = await resp.json()
+            entry = provider_entry(status, provider_id)
+            if entry is not None and entry.get("routable"):
+                return entry
+    raise RuntimeError("the stub's event stream ended before the provider was routable")
+
+
+async def final_status(
+    http: aiohttp.ClientSession, url: str, provider_id: str, production: bool
+) -> dict[str, Any]:
+    """``/v1/status`` once the stub has checked the answer's receipt (production)."""
+    for _ in range(50):
+        async with http.get(f"{url}/v1/status") as resp:
+            status: dict[str, Any] = await resp.json()
+        receipts = (provider_entry(status, provider_id) or {}).get("receipts") or {}
+        if not production or sum(receipts.get(k, 0) for k in ("verified", "failed")) > 0:
+            break
+        await asyncio.sleep(0.1)  # the end frame trails the buyer's last chunk
+    return status
+
+
+def provider_entry(status: dict[str, Any], provider_id: str) -> dict[str, Any] | None:
+    return next((p for p in status.get("providers", []) if p["provider_id"] == provider_id), None)
 
 
 async def sse_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
@@ -216,13 +275,43 @@ def _pick_model(args: argparse.Namespace, workdir: Path) -> tuple[str, str, int,
     return model, args.prompt or DEFAULT_PROMPT, args.max_tokens or DEFAULT_MAX_TOKENS, None
 
 
+def production_config(
+    path: Path, ws_url: str, model: str, catalog: dict[str, Any], provider_id: str
+) -> Path:
+    """The provider's config file for the production demo: no token, a referral code."""
+    lines = [
+        f"coordinator_url = {json.dumps(ws_url)}",
+        f"model = {json.dumps(model)}",
+        f"provider_id = {json.dumps(provider_id)}",
+        f"referral_code = {json.dumps(DEMO_REFERRAL)}",
+        f"compatibility_set_id = {json.dumps(DEMO_COMPATIBILITY_SET)}",
+        f"advertised_binary_version = {json.dumps(DEMO_BINARY_VERSION)}",
+        f"catalog_feed_url = {json.dumps(catalog['url'])}",
+        "status_port = 0",
+        "[catalog_public_keys]",
+        f"{json.dumps(catalog['key_id'])} = {json.dumps(catalog['public_key'])}",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
 async def run_demo(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mlx-provider-demo-"))
     model, prompt, max_tokens, temperature = _pick_model(args, workdir)
+    production = getattr(args, "profile", "dev") == "production"
+    model_id = Path(model).name
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    say("starting the coordinator stub")
+    stub_args = ["--ws-port", "0", "--http-port", "0"]
+    if production:
+        stub_args += [
+            "--profile", "production", "--catalog-model", f"{model_id}={model}",
+            "--referral-code", DEMO_REFERRAL,
+            "--accept-compatibility-set", DEMO_COMPATIBILITY_SET,
+        ]  # fmt: skip
+    say(f"starting the coordinator stub ({'production' if production else 'dev'} profile)")
     stub = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "coordinator_stub", "--ws-port", "0", "--http-port", "0",
+        sys.executable, "-m", "coordinator_stub", *stub_args,
         stdout=asyncio.subprocess.PIPE, stderr=(workdir / "stub.log").open("wb"), env=env,
     )  # fmt: skip
     provider: asyncio.subprocess.Process | None = None
@@ -230,28 +319,57 @@ async def run_demo(args: argparse.Namespace) -> int:
     try:
         ws_url, http_url = await _read_ready_line(stub)
         say(f"stub ready: ws={ws_url} http={http_url}")
-        say("starting the provider")
-        provider = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "provider", "serve", "--coordinator", ws_url,
-            "--model", model, "--provider-id", "demo-provider",
-            "--token", "demo_provider_token_local",
-            "--status-port", "0",
-            stdin=asyncio.subprocess.DEVNULL, stderr=(workdir / "provider.log").open("wb"), env=env,
-        )  # fmt: skip
         async with aiohttp.ClientSession() as http:
+            if production:
+                async with http.get(f"{http_url}/v1/status") as resp:
+                    catalog = (await resp.json())["catalog"]
+                # A new owner's first start: a referral code, no token yet. The
+                # keys and the token it gets stay in the work directory.
+                provider_id = "mp-" + uuid.uuid4().hex
+                config = production_config(
+                    workdir / "config.toml", ws_url, model, catalog, provider_id
+                )
+                env_provider = dict(env, HOME=str(workdir / "home"))
+                serve_args = ["--config", str(config)]
+                say(f"starting the provider: {config} (referral code, no token)")
+            else:
+                provider_id = "demo-provider"
+                env_provider = env
+                serve_args = [
+                    "--coordinator", ws_url, "--model", model, "--provider-id", provider_id,
+                    "--token", "demo_provider_token_local", "--status-port", "0",
+                ]  # fmt: skip
+                say("starting the provider")
+            provider = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "provider", "serve", *serve_args,
+                stdin=asyncio.subprocess.DEVNULL, stderr=(workdir / "provider.log").open("wb"),
+                env=env_provider,
+            )  # fmt: skip
             t0 = time.perf_counter()
-            await wait_ready(http, http_url, "demo-provider")
-            say(f"provider registered and warmed up in {time.perf_counter() - t0:.1f} s")
+            if production:
+                entry = await wait_routable(http, http_url, provider_id)
+                say(
+                    f"provider bootstrapped its token and is routable in "
+                    f"{time.perf_counter() - t0:.1f} s (auth_state {entry['auth_state']}, "
+                    f"model hash {entry['hash_status']}, catalog {entry['catalog_mode']})"
+                )
+            else:
+                await wait_ready(http, http_url, provider_id)
+                say(f"provider registered and warmed up in {time.perf_counter() - t0:.1f} s")
             say(f"streaming a completion: {prompt!r}")
             timings = await _stream_completion(
-                http, http_url, Path(model).name, prompt, max_tokens, temperature
+                http, http_url, model_id, prompt, max_tokens, temperature
             )
-            async with http.get(f"{http_url}/v1/status") as resp:
-                status = await resp.json()
+            status = await final_status(http, http_url, provider_id, production)
         say("stub /v1/status")
         print(json.dumps(status, indent=2))
         say("timings")
         print(json.dumps(timings, indent=2))
+        if production:
+            receipts = (provider_entry(status, provider_id) or {}).get("receipts", {})
+            say(f"receipts: {json.dumps(receipts)}")
+            if receipts.get("verified", 0) < 1 or receipts.get("failed", 0):
+                codes["receipts"] = 1
     finally:
         if provider is not None:
             codes["provider"] = await _stop(provider, "provider")

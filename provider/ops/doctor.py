@@ -48,13 +48,26 @@ from provider.coordinator.admission import (
 )
 from provider.coordinator.catalog import (
     PRODUCTION_PUBLIC_KEYS,
+    CatalogAdmission,
     CatalogError,
     default_feed_url,
     fetch_admission,
 )
-from provider.coordinator.keys import DEFAULT_KEY_DIR
+from provider.coordinator.keys import DEFAULT_KEY_DIR, KeyFileError, KeyStore, b64
+from provider.coordinator.messages import (
+    MAX_FRAME_BYTES,
+    AuthChallenge,
+    AuthRequestInitial,
+    AuthResponse,
+    Tier2Capabilities,
+    decode_coordinator_frame,
+    encode_text,
+)
+from provider.coordinator.reconnect import CLOSE_REASONS, close_policy
 from provider.coordinator.session import NoRedirectConnect, tls_failure
-from provider.host.model_identity import ModelIdentityError, model_identity
+from provider.coordinator.tier2 import b64url, generate_key, public_bytes
+from provider.host.hardware import total_ram_gb
+from provider.host.model_identity import ModelIdentity, ModelIdentityError, model_identity
 from provider.host.service import DEFAULT_LABEL, LaunchAgent, host_platform, service_state
 from provider.logs import default_log_dir
 
@@ -445,12 +458,13 @@ async def _websocket_check(url: str, token: str, timeout: float, settle: float) 
     if closed is not None:
         code = closed.code
         reason = f" ({closed.reason})" if closed.reason else ""
-        auth_codes = (1008, 4001, 4003, 4401, 4403)
+        auth_codes = (1008, 4001, 4003, 4005, 4401, 4403)
+        fix = close_policy(code, closed.reason).fix
         return CheckResult(
             name,
             False,
             f"handshake accepted, then closed by the coordinator: code {code}{reason}",
-            token_fix if code in auth_codes else "see the close code; retry later",
+            fix or (token_fix if code in auth_codes else "see the close code; retry later"),
         )
     return CheckResult(name, True, "handshake accepted (HTTP 101) with the provider token")
 
@@ -651,13 +665,144 @@ async def check_production_gates(
             )
         )
     served = model_id or await asyncio.to_thread(model_id_from, model or "")
-    results.append(
-        await _catalog_gate(
-            coordinator_url, catalog_feed_url, catalog_public_keys, served, identity, timeout
-        )
+    gate, catalog = await _catalog_gate(
+        coordinator_url, catalog_feed_url, catalog_public_keys, served, identity, timeout
     )
+    results.append(gate)
+    if protocol == "v2":
+        results.append(
+            await probe_admission(
+                coordinator_url,
+                token,
+                provider_id=provider_id,
+                binary_version=version,
+                model_id=served,
+                max_concurrency=max_concurrency,
+                identity=identity,
+                catalog=catalog,
+                compatibility_set_id=compatibility_set_id,
+                referral_code=referral_code,
+                key_dir=key_dir,
+                timeout=timeout,
+            )
+        )
     results.append(_last_refusal(key_dir))
     return [dataclasses.replace(r, group="production") for r in results]
+
+
+async def probe_admission(
+    url: str | None,
+    token: str | None,
+    *,
+    provider_id: str | None,
+    binary_version: str,
+    model_id: str,
+    max_concurrency: int = 1,
+    identity: ModelIdentity | None = None,
+    catalog: CatalogAdmission | None = None,
+    compatibility_set_id: str | None = None,
+    referral_code: str | None = None,
+    key_dir: Path | None = None,
+    timeout: float = 10.0,
+) -> CheckResult:
+    """Ask the coordinator itself: the first half of a v2 registration.
+
+    Sends the ``auth_request`` (initial) the agent would send (the token,
+    binary version, compatibility set, model hash, catalog fields, receipt
+    key) and reads the answer. The coordinator checks its admission gates
+    there: an ``auth_challenge`` means they passed; a refusal is reported with
+    its close code, reason and the fix. The challenge is never answered, so
+    nothing registers and no token is minted. Not run for a credential
+    bootstrap (a first start without a token), whose attempts the
+    coordinator rate-limits per provider id.
+    """
+    name = "admission probe"
+    if not url:
+        return CheckResult(name, True, "skipped: no coordinator_url", skipped=True)
+    pid = provider_id or ""
+    if not token and (not pid or BOOTSTRAP_PROVIDER_ID.fullmatch(pid)):
+        return CheckResult(
+            name,
+            True,
+            "skipped: no token yet (the first start bootstraps one; the coordinator "
+            "rate-limits bootstrap attempts)",
+            skipped=True,
+        )
+    try:
+        receipt_public = KeyStore(key_dir).receipt_public()
+    except (KeyFileError, OSError) as exc:
+        return CheckResult(name, False, f"no receipt key: {exc}", "see the key file's error")
+    fields: dict[str, Any] = {}
+    if identity is not None:
+        fields |= {"model_hash": identity.hash, "model_hash_algorithm": identity.algorithm}
+    if catalog is not None:
+        fields |= catalog.fields()
+    if compatibility_set_id:
+        fields["compatibility_set_id"] = compatibility_set_id
+    if referral_code:
+        fields["referral_code"] = referral_code
+    try:
+        initial = AuthRequestInitial(
+            provider_id=pid,
+            hostname=socket.gethostname().encode()[:253].decode(errors="ignore") or "localhost",
+            model_id=model_id,
+            model_params_b=0.0,  # as while the model loads: not known before it is
+            ram_gb=total_ram_gb(),
+            max_context_tokens=0,
+            max_concurrency=max(1, max_concurrency),
+            throughput_tps_estimate=0.0,
+            binary_version=binary_version,
+            provider_ecdh_public_key=b64url(public_bytes(generate_key())),
+            tier2_capabilities=Tier2Capabilities(),
+            provider_receipt_public_key=b64(receipt_public),
+            supported_models=[model_id],
+            **fields,
+        )
+    except (ValueError, TypeError) as exc:
+        return CheckResult(name, False, f"cannot build the registration: {exc}", "fix the config")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    refusal = ""
+    code: int | None = None
+    reason = ""
+    try:
+        async with NoRedirectConnect(
+            url,
+            additional_headers=headers,
+            proxy=None,
+            open_timeout=timeout,
+            ping_interval=None,
+            close_timeout=timeout,
+            compression=None,
+            max_size=MAX_FRAME_BYTES,
+        ) as ws:
+            try:
+                await ws.send(encode_text(initial))
+                answer = decode_coordinator_frame(await asyncio.wait_for(ws.recv(), timeout))
+                if isinstance(answer, AuthChallenge):
+                    return CheckResult(
+                        name,
+                        True,
+                        "the coordinator admits this registration (it sent its challenge; "
+                        "not answered: nothing registered)",
+                    )
+                if isinstance(answer, AuthResponse) and answer.error is not None:
+                    refusal = f"auth_response rejected {answer.error.code}"
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ws.wait_closed(), timeout)
+            except ConnectionClosed:
+                pass
+            code, reason = ws.close_code, ws.close_reason or ""
+    except (InvalidStatus, InvalidHandshake, ssl.SSLError, OSError, TimeoutError) as exc:
+        return CheckResult(
+            name, True, f"skipped: the coordinator is not reachable ({exc})", skipped=True
+        )
+    what = CLOSE_REASONS.get(code or 0, "closed")
+    detail = f"refused: close {code} ({what}) {reason}".rstrip()
+    if refusal:
+        detail += f"; {refusal}"
+    if token:
+        detail = detail.replace(token, "***")
+    return CheckResult(name, False, detail, close_policy(code, reason).fix or "see the reason")
 
 
 async def _catalog_gate(
@@ -667,14 +812,15 @@ async def _catalog_gate(
     served: str,
     identity: Any,
     timeout: float,
-) -> CheckResult:
+) -> tuple[CheckResult, CatalogAdmission | None]:
+    """The catalog gate, and the admission fields the feed gives (None: none)."""
     name = "catalog"
     if feed_url == "off":
         return CheckResult(name, False, "catalog_feed_url is off: no catalog_* fields are sent "
                            "(catalog mode legacy, never routed)",
-                           "remove catalog_feed_url = \"off\"")  # fmt: skip
+                           "remove catalog_feed_url = \"off\""), None  # fmt: skip
     if not coordinator_url and not feed_url:
-        return CheckResult(name, True, "skipped: no coordinator_url", skipped=True)
+        return CheckResult(name, True, "skipped: no coordinator_url", skipped=True), None
     url = feed_url or default_feed_url(coordinator_url or "")
     try:
         admission = await fetch_admission(
@@ -687,7 +833,7 @@ async def _catalog_gate(
             str(exc),
             "check catalog_feed_url and catalog_public_keys; set model_id to the catalogued "
             "Hugging Face id of this model",
-        )
+        ), None
     detail = f"release {admission.release_id}, row {admission.row_key}"
     if admission.model_sha256 and identity is not None and admission.model_sha256 != identity.hash:
         return CheckResult(
@@ -696,8 +842,8 @@ async def _catalog_gate(
             f"{detail}: the row's model_sha256 {admission.model_sha256} differs from this "
             f"model's {identity.hash}: connected but never routed",
             "serve exactly the published snapshot of this model (all files, as published)",
-        )
-    return CheckResult(name, True, detail)
+        ), admission
+    return CheckResult(name, True, detail), admission
 
 
 # --------------------------------------------------------------------------

@@ -80,7 +80,9 @@ or (message.role == "assistant" and not message.tool_calls) %}
 def with_chat_template(source: str | Path, dest: str | Path, template: str) -> Path:
     """Copy the model directory ``source`` to ``dest`` with ``template`` as its chat template.
 
-    Weights are linked, not copied, where the file system allows it.
+    Files are copied, never hard-linked: a hard link would make ``source``
+    itself unhashable, since model identity refuses hard links as the real
+    coordinator does (a production-profile test would refuse the model).
     """
     source, dest = Path(source), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -90,10 +92,7 @@ def with_chat_template(source: str | Path, dest: str | Path, template: str) -> P
             continue
         if target.exists():
             target.unlink()
-        try:
-            target.hardlink_to(item)
-        except OSError:
-            shutil.copy2(item, target)
+        shutil.copy2(item, target)
     config = json.loads((source / "tokenizer_config.json").read_text())
     config["chat_template"] = template
     (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

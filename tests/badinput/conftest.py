@@ -1,3 +1,3 @@
-from tests.session.conftest import stub
+from tests.session.conftest import protocol, stub
 
-__all__ = ["stub"]
+__all__ = ["protocol", "stub"]

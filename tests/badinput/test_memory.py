@@ -4,6 +4,10 @@ A provider process (the real ``serve`` path with the scripted engine, see
 ``tests.session.scripted_provider``) takes the same batch of bad frames,
 large ones included, several times over; its resident set after the last
 round must be close to what it was after the first.
+
+It speaks v1: the batch holds plaintext requests with bad bodies, which the
+v2 encrypted leg refuses with a ``tier2_*`` nak that closes the session (by
+design); what happens to a body after decryption is the same code on both.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ async def test_rss_does_not_grow_with_thousands_of_bad_frames(stub: CoordinatorS
         stub.ws_url,
         "2",
         "0",
+        "--protocol",
+        "v1",
         cwd=ROOT,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,

@@ -7,11 +7,19 @@ answer (a ``nak`` naming the problem and, when the frame has a usable
 ``preflight_ack``; nothing, for a type the provider does not know), and
 afterwards the session is the same one, nothing was dropped, no slot leaked
 and the provider is ``ready`` and still serves.
+
+On the v2 encrypted leg the coordinator seals every ``inference_request``:
+the requests that decode arrive sealed by the stub (their bodies, bad or
+good, are checked after decryption), a cancel for an unknown request is
+ignored (no end frame for a request the coordinator does not hold), and a
+plaintext request that decodes is not sent at all (it is refused with a
+``tier2_*`` nak, on which the coordinator closes the leg, by design).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -148,19 +156,51 @@ EXPLICIT = [
 ]
 
 
-async def test_hypothesis_frames_all_answered_session_survives(stub: CoordinatorStub) -> None:
+#: A body this large cannot travel sealed (base64, in JSON) in one frame.
+SEALABLE_BODY_BYTES = (MAX_FRAME_BYTES - 16 * 1024) * 3 // 4
+
+
+async def send_case(
+    stub: CoordinatorStub, case: FrameCase, index: int, protocol: str
+) -> tuple[FrameCase, str] | None:
+    """Send ``case`` as the coordinator would on ``protocol``: the case and request id
+    to expect an answer for, or None when it cannot travel there."""
+    frame, rid = case.render(index)
+    assert len(frame.encode() if isinstance(frame, str) else frame) < MAX_FRAME_BYTES
+    if protocol == "v2" and case.label == "body missing (plain session)":
+        return None
+    if protocol == "v2" and case.answer == "end":
+        msg = json.loads(frame)
+        if msg["type"] == "cancel_request":
+            await stub.send_raw(PID, frame)
+            return dataclasses.replace(case, answer="none"), rid
+        body = msg["body"]
+        if len(body.encode(errors="surrogatepass")) > SEALABLE_BODY_BYTES:
+            return None
+        # The coordinator names its own requests (no control characters).
+        rid = f"sealed-{index}"
+        await stub.send_request(PID, body, stream=msg["stream"], request_id=rid)
+        return case, rid
+    await stub.send_raw(PID, frame)
+    return case, rid
+
+
+async def test_hypothesis_frames_all_answered_session_survives(
+    stub: CoordinatorStub, protocol: str
+) -> None:
     cases = EXPLICIT + frame_batch(600)
     engine = ScriptedEngine(tokens=2, step_s=0.0)
-    async with running(provider_config(stub, max_concurrency=SLOTS), engine) as run:
+    config = provider_config(stub, max_concurrency=SLOTS, protocol=protocol)
+    async with running(config, engine) as run:
         await stub.wait_provider_state(PID, "ready")
         session = run.session
         start = time.monotonic()
         sent: list[tuple[FrameCase, str]] = []
         for i, case in enumerate(cases):
-            frame, rid = case.render(i)
-            assert len(frame.encode() if isinstance(frame, str) else frame) < MAX_FRAME_BYTES
-            await stub.send_raw(PID, frame)
-            sent.append((case, rid))
+            if (done := await send_case(stub, case, i, protocol)) is not None:
+                sent.append(done)
+        if protocol == "v2":
+            assert sum(rid.startswith("sealed-") for _, rid in sent) > 100
         # Frames are handled in order: once this is answered, every nak is out.
         sentinel = await stub.preflight(PID, 1, request_id="sentinel", timeout=30)
         assert sentinel.accepted, sentinel
@@ -220,10 +260,16 @@ async def test_hypothesis_frames_all_answered_session_survives(stub: Coordinator
 
 
 async def _answered_in_place(
-    stub: CoordinatorStub, frame: str | bytes, answer: str, *, unchecked: bool = False
+    stub: CoordinatorStub,
+    frame: str | bytes,
+    answer: str,
+    *,
+    unchecked: bool = False,
+    protocol: str = "v2",
 ) -> None:
     """Send ``frame``; assert it gets ``answer`` and the session survives."""
-    async with running(provider_config(stub), ScriptedEngine(tokens=2, step_s=0.0)) as run:
+    config = provider_config(stub, protocol=protocol)
+    async with running(config, ScriptedEngine(tokens=2, step_s=0.0)) as run:
         await stub.wait_provider_state(PID, "ready")
         start = time.monotonic()
         if unchecked:
@@ -255,7 +301,20 @@ async def test_deeply_nested_body_gets_an_end_frame(stub: CoordinatorStub) -> No
     frame = dumps(
         {"type": "inference_request", "request_id": "deep", "stream": False, "body": body}, True
     )
-    await _answered_in_place(stub, frame, "inference_response_end")
+    await _answered_in_place(stub, frame, "inference_response_end", protocol="v1")
+
+
+async def test_deeply_nested_body_sealed_gets_an_end_frame(stub: CoordinatorStub) -> None:
+    body = '{"messages":[{"role":"user","content":"x"}],"x":' + DEEP + "}"
+    async with running(provider_config(stub), ScriptedEngine(tokens=2, step_s=0.0)) as run:
+        await stub.wait_provider_state(PID, "ready")
+        await stub.send_request(PID, body, request_id="deep")
+        end = await stub.wait_frame(
+            PID, "inference_response_end", where=lambda f: f.message.request_id == "deep"
+        )
+        assert end.message.status == "error_internal" and end.message.error
+        assert stub.drops == [] and not run.task.done()
+        await asyncio.wait_for(stub.preflight(PID, 1), 5)
 
 
 async def test_unknown_type_near_the_frame_limit_is_ignored(stub: CoordinatorStub) -> None:

@@ -160,3 +160,69 @@ async def test_second_sigint_exits_at_once_with_a_generation_running(
     messages = [e["msg"] for e in log_lines(log_file)]
     assert any(m.startswith("SIGINT: draining") for m in messages), messages
     assert "second SIGINT: exiting now" in messages
+
+
+@pytest.mark.slow
+async def test_serve_process_in_production_bootstraps_serves_and_exits_0_on_sigterm(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    # The production profile, a config file with a referral code and no token:
+    # the process bootstraps, persists the token, is routed, serves with
+    # receipts verified, and a SIGTERM mid-generation drains and exits 0.
+    from .test_protocol_e2e import (
+        BOOTSTRAP_ID,
+        REFERRAL,
+        production_settings,
+        production_stub,
+        receipts,
+        routable,
+        write_config,
+    )
+
+    log_file = tmp_path / "provider.log"
+    async with production_stub(model_dir) as stub:
+        cfg = write_config(
+            tmp_path / "config.toml", stub, model_dir,
+            **production_settings(provider_id=BOOTSTRAP_ID, referral_code=REFERRAL),
+        )  # fmt: skip
+        with log_file.with_suffix(".stderr").open("wb") as stderr:
+            proc = await asyncio.create_subprocess_exec(
+                *serve_command(), "serve", "--config", str(cfg), "--log-file", str(log_file),
+                cwd=ROOT, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=stderr,
+            )  # fmt: skip
+        try:
+            await routable(stub, BOOTSTRAP_ID, timeout=120)
+            client = buyer(stub)
+            try:
+                done = await client.chat.completions.create(
+                    model=model_dir.name, messages=Q, max_tokens=8
+                )
+                assert done.usage is not None and done.usage.completion_tokens == 8
+                await receipts(stub, BOOTSTRAP_ID, verified=1)
+                long = await client.chat.completions.create(
+                    model=model_dir.name, messages=Q, max_tokens=60, stream=True,
+                    stream_options={"include_usage": True},
+                )  # fmt: skip
+                await first_content(long)
+                proc.send_signal(signal.SIGTERM)
+                rest = [chunk async for chunk in long]
+                assert rest[-1].usage is not None and rest[-1].usage.completion_tokens == 60
+                assert await asyncio.wait_for(proc.wait(), 60) == 0
+            finally:
+                await client.close()
+            counts = await receipts(stub, BOOTSTRAP_ID, verified=2)
+            assert counts["failed"] == 0, counts
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    token = next(
+        line.split('"')[1] for line in cfg.read_text().splitlines()
+        if line.startswith("provider_token")
+    )  # fmt: skip
+    assert stub.bootstraps == [BOOTSTRAP_ID] and cfg.stat().st_mode & 0o777 == 0o600
+    entries = log_lines(log_file)
+    assert "registered" in [e["msg"] for e in entries]
+    assert not [e for e in entries if e["level"] in ("error", "critical")], entries
+    assert token not in log_file.read_text()

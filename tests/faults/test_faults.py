@@ -3,6 +3,10 @@
 Every case ends with :func:`assert_sound`: no exception escaped (no ERROR log
 from the provider, the agent task still running), no slot leaked, exactly
 one end frame per request id the stub saw, and the provider ready again.
+
+Protocol v2 (the encrypted leg) throughout; the cases where the protocols
+behave differently (a coordinator killed and restarted, duplicated and
+out-of-order frames, a drain during warm-up) run on v1 as well.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from tests.session.conftest import (
     Running,
     drain_phase,
     provider_config,
+    registrations,
     running,
     stub_config,
 )
@@ -54,11 +59,9 @@ async def buy(http_url: str, payload: dict[str, Any]) -> tuple[int, str]:
         return resp.status, await resp.text()
 
 
-def request_frame(request_id: str, content: str = "hi", max_tokens: int = 3) -> str:
-    body = json.dumps(chat(content, max_tokens=max_tokens))
-    return json.dumps(
-        {"type": "inference_request", "request_id": request_id, "stream": False, "body": body}
-    )
+async def send_request(stub: CoordinatorStub, request_id: str, content: str = "hi") -> None:
+    """An ``inference_request`` outside routing (sealed afresh on the encrypted leg)."""
+    await stub.send_request(PID, json.dumps(chat(content, max_tokens=3)), request_id=request_id)
 
 
 def is_buyer(frame: Any) -> bool:
@@ -66,15 +69,21 @@ def is_buyer(frame: Any) -> bool:
 
 
 async def assert_sound(
-    stub: CoordinatorStub, run: Running, caplog: pytest.LogCaptureFixture
+    stub: CoordinatorStub,
+    run: Running,
+    caplog: pytest.LogCaptureFixture,
+    expected_errors: tuple[str, ...] = (),
 ) -> None:
+    """``expected_errors``: ERROR log lines the fault itself must cause (their start)."""
     await stub.wait_provider_state(PID, "ready", timeout=20)
     await stub.wait_for(lambda: run.agent.state.in_flight == 0, what="no job in flight")
     assert not run.task.done(), "the agent stopped"
     errors = [
         r
         for r in caplog.records
-        if r.name.startswith("mlx_provider") and r.levelno >= logging.ERROR
+        if r.name.startswith("mlx_provider")
+        and r.levelno >= logging.ERROR
+        and not r.getMessage().startswith(expected_errors)
     ]
     assert errors == [], [r.getMessage() for r in errors]
     ends = collections.Counter(
@@ -205,7 +214,7 @@ def provider_state(status: dict[str, Any]) -> str | None:
 
 
 async def test_coordinator_process_killed_mid_stream_and_restarted(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, protocol: str
 ) -> None:
     ws_port, http_port = free_port(), free_port()
     proc, http_url = await start_stub_process(ws_port, http_port)
@@ -213,6 +222,7 @@ async def test_coordinator_process_killed_mid_stream_and_restarted(
         f"ws://127.0.0.1:{ws_port}/ws/provider",
         backoff_initial_s=0.1,
         backoff_max_s=1.0,
+        protocol=protocol,
     )
     engine = ScriptedEngine(tokens=1_000_000, step_s=0.005)
     hooks = JobEvents()
@@ -292,7 +302,8 @@ async def test_duplicated_frames_give_one_end_per_request(
     stub: CoordinatorStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine = ScriptedEngine(tokens=5, step_s=0.001)
-    async with running(provider_config(stub, max_concurrency=3), engine) as run:
+    config = provider_config(stub, max_concurrency=3, protocol="v1")
+    async with running(config, engine) as run:
         await stub.wait_provider_state(PID, "ready")
         stub.duplicate_frames(True)
         results = await asyncio.gather(*(buy(stub.http_url, chat(f"q{i}")) for i in range(3)))
@@ -310,29 +321,94 @@ async def test_duplicated_frames_give_one_end_per_request(
         await assert_sound(stub, run, caplog)
 
 
-async def test_out_of_order_cancel_before_request_and_after_end(
+async def test_a_request_sent_twice_on_the_encrypted_leg_runs_once(
     stub: CoordinatorStub, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with running(provider_config(stub), ScriptedEngine(tokens=3)) as run:
+    # The coordinator re-sends a request (sealed again, a new sequence number):
+    # the copy that arrives while it runs is ignored, the one after its end
+    # is refused by name, which fails nothing.
+    engine = ScriptedEngine(tokens=20, step_s=0.02)
+    async with running(provider_config(stub, max_concurrency=2), engine) as run:
         await stub.wait_provider_state(PID, "ready")
-        # cancel before its request: answered once; the late request is a duplicate
-        await stub.send_raw(PID, '{"type":"cancel_request","request_id":"early"}')
-        await stub.send_raw(PID, request_frame("early"))
+        await send_request(stub, "twice")
+        await send_request(stub, "twice")
+        end = await stub.wait_frame(
+            PID, "inference_response_end", where=lambda f: f.message.request_id == "twice"
+        )
+        assert end.message.status == "complete"
+        assert stub.frames_received(PID, "nak") == []
+        await send_request(stub, "twice")
         nak = await stub.wait_frame(PID, "nak")
-        assert nak.message.error.code == "duplicate_request_id"
+        assert (nak.message.in_reply_to, nak.message.error.code) == (
+            "twice",
+            "duplicate_request_id",
+        )
+        assert len(engine.started) == 2  # the warm-up and one run of "twice"
+        assert stub.drops == []
+        await assert_sound(stub, run, caplog)
+
+
+async def test_a_replayed_frame_closes_the_encrypted_leg_and_the_provider_reconnects(
+    stub: CoordinatorStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The same sealed frame again (same sequence number) is a replay: the
+    # provider refuses it by name and never runs it, the coordinator closes
+    # the leg as Go does, and the provider comes back with fresh keys.
+    engine = ScriptedEngine(tokens=5, step_s=0.001)
+    async with running(provider_config(stub), engine) as run:
+        await stub.wait_provider_state(PID, "ready")
+        first = stub.session(PID)
+        code, _ = await buy(stub.http_url, chat("replayed"))
+        assert code == 200
+        sealed = next(f for f in stub.frames_sent(PID, "inference_request") if is_buyer(f))
+        await stub.send_raw(PID, sealed.raw)
+        drop = await stub.wait_drop(PID, "tier2_session_closed")
+        assert drop.detail == "tier2_aead_decrypt_failed"
+        [nak] = stub.frames_received(PID, "nak")
+        assert nak.message.error.code == "tier2_aead_decrypt_failed"
+        assert nak.message.in_reply_to == sealed.message.request_id
+        await stub.wait_for(
+            lambda: stub.session(PID) not in (None, first), what="a new session, fresh keys"
+        )
+        assert engine.started.count("replayed") == 1
+        await assert_sound(stub, run, caplog, ("inference_request does not decrypt",))
+
+
+async def test_out_of_order_cancel_before_request_and_after_end(
+    stub: CoordinatorStub, caplog: pytest.LogCaptureFixture, protocol: str
+) -> None:
+    async with running(provider_config(stub, protocol=protocol), ScriptedEngine(tokens=3)) as run:
+        await stub.wait_provider_state(PID, "ready")
+        await stub.send_raw(PID, '{"type":"cancel_request","request_id":"early"}')
+        await send_request(stub, "early")
+        if protocol == "v1":
+            # answered once; the late request is then a duplicate
+            nak = await stub.wait_frame(PID, "nak")
+            assert nak.message.error.code == "duplicate_request_id"
+        else:
+            # ignored on the encrypted leg (no end for a request the coordinator
+            # does not hold); the request then runs
+            end = await stub.wait_frame(
+                PID, "inference_response_end", where=lambda f: f.message.request_id == "early"
+            )
+            assert end.message.status == "complete"
         # cancel after end: ignored
-        await stub.send_raw(PID, request_frame("done"))
+        await send_request(stub, "done")
         await stub.wait_frame(
             PID, "inference_response_end", where=lambda f: f.message.request_id == "done"
         )
         await stub.send_raw(PID, '{"type":"cancel_request","request_id":"done"}')
         await stub.send_raw(PID, '{"type":"preflight","request_id":"fence","estimated_tokens":1}')
         await stub.wait_frame(PID, "preflight_ack")
+        assert stub.drops == []
         await assert_sound(stub, run, caplog)
 
 
 async def test_drain_during_warm_up_completes(
-    stub: CoordinatorStub, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    stub: CoordinatorStub,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    protocol: str,
 ) -> None:
     # A coordinator's drain completes, then the agent comes back (it is not a
     # shutdown); a signal's drain completes and exits 0.
@@ -346,13 +422,13 @@ async def test_drain_during_warm_up_completes(
     def phases() -> list[str]:
         return [drain_phase(f) for f in stub.frames_received(PID, "drain_status")]
 
-    async with running(provider_config(stub), engine) as run:
+    async with running(provider_config(stub, protocol=protocol), engine) as run:
         await stub.wait_provider_state(PID, "ready", timeout=10)
         await stub.warm_up(PID)
         await stub.wait_frame(PID, "state_update", where=warming_up)
         await stub.drain(PID)
         await stub.wait_for(
-            lambda: len(stub.frames_received(PID, "hello")) == 2,
+            lambda: registrations(stub) == 2,
             timeout=15,
             what="a new registration after the coordinator's drain",
         )

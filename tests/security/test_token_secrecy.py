@@ -26,7 +26,7 @@ from coordinator_stub.app import CoordinatorStub
 from provider.logs import LOGGER_NAME, MIN_SECRET_LENGTH, REDACTED, get_logger, setup_logging
 from provider.openai.request import ChatCompletionRequest
 from provider.ops.status_server import StatusServer
-from tests.session.conftest import PID, provider_config, running, stub_config
+from tests.session.conftest import PID, provider_config, registrations, running, stub_config
 from tests.session.scripted_engine import ScriptedEngine
 
 TOKEN = "ptok_Zk3vQ9xW2mN7bR4tY8uJ1hL6"
@@ -76,11 +76,7 @@ async def test_token_never_in_logs_status_or_metrics(log_text: io.StringIO) -> N
                 PID, '{"type":"preflight","request_id":"p","estimated_tokens":"x","token":"x"}'
             )
             await stub.wait_frame(PID, "nak")
-            await stub.send_raw(
-                PID,
-                json.dumps({"type": "inference_request", "request_id": "bad", "stream": False,
-                            "body": '{"messages": "nope"}'}),
-            )  # fmt: skip
+            await stub.send_request(PID, '{"messages": "nope"}', request_id="bad")
             await stub.wait_frame(
                 PID, "inference_response_end", where=lambda f: f.message.request_id == "bad"
             )
@@ -89,9 +85,7 @@ async def test_token_never_in_logs_status_or_metrics(log_text: io.StringIO) -> N
             assert stub.drop(PID)
             await stub.wait_rejection(503, timeout=10)
             stub.refuse_connections(0)
-            await stub.wait_for(
-                lambda: len(stub.frames_received(PID, "hello")) >= 2, timeout=10, what="reconnect"
-            )
+            await stub.wait_for(lambda: registrations(stub) >= 2, timeout=10, what="reconnect")
             await stub.wait_provider_state(PID, "ready")
 
             status_server = StatusServer(run.agent.status, run.agent.is_healthy, port=0)
@@ -129,10 +123,10 @@ async def test_assigned_token_never_in_logs_or_status(log_text: io.StringIO, tmp
             config, ScriptedEngine(tokens=2, step_s=0.0), config_path=config_path
         ) as run:
             await stub.wait_provider_state(PID, "ready")
-            assigned = stub.frames_sent(PID, "hello_ack")[0].message.assigned_provider_token
+            assigned = stub.frames_sent(PID, "auth_response")[0].message.assigned_provider_token
             assert assigned and run.agent.token == assigned
             assert stub.drop(PID)
-            await stub.wait_for(lambda: len(stub.frames_received(PID, "hello")) >= 2, timeout=10)
+            await stub.wait_for(lambda: registrations(stub) >= 2, timeout=10)
             await stub.wait_provider_state(PID, "ready")
             # It reconnected with the assigned token, which it kept in a private file.
             headers = stub.session(PID).conn.request.headers  # type: ignore[union-attr]

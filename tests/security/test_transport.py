@@ -51,7 +51,7 @@ async def test_token_only_in_the_authorization_header(auth_stub: CoordinatorStub
         others = [(k, v) for k, v in request.headers.raw_items() if k.lower() != "authorization"]
         assert all(TOKEN not in k and TOKEN not in v for k, v in others), others
         frames = stub.frames_received(PID)
-        assert {f.type for f in frames} >= {"hello", "heartbeat", "inference_response_end"}
+        assert {f.type for f in frames} >= {"auth_request", "heartbeat", "inference_response_end"}
         for frame in frames:
             raw = frame.raw if isinstance(frame.raw, str) else frame.raw.decode(errors="replace")
             assert TOKEN not in raw, frame.type

@@ -41,3 +41,21 @@ def test_given_model_prompt_and_limit_are_kept(tmp_path: Path) -> None:
     chosen = demo._pick_model(args(model="some/repo", prompt="Hi", max_tokens=5), tmp_path)
     assert chosen == ("some/repo", "Hi", 5, None)
     assert not any(tmp_path.iterdir())  # nothing built
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile", ["dev", "production"])
+async def test_the_demo_runs_in_each_profile(
+    profile: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The whole demo, processes and all, on the tiny model. In production the
+    # provider starts with a referral code and no token, bootstraps, and the
+    # stub verifies the receipt of its answer.
+    code = await demo.run_demo(args(tiny=True, profile=profile, max_tokens=8))
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert "exit codes: {'provider': 0, 'stub': 0}" in out
+    if profile == "production":
+        assert "bootstrapped its token and is routable" in out
+        assert '"verified": 1, "failed": 0' in out
+        assert '"profile": "production"' in out

@@ -21,6 +21,10 @@ from .scripted_engine import ScriptedEngine
 PID = "prov-test"
 
 
+#: The protocols a parametrised test runs on (the ``protocol`` fixture).
+PROTOCOLS = ("v1", "v2")
+
+
 def drain_phase(frame: FrameRecord) -> str:
     """The phase a ``drain_status`` carried, read from the wire.
 
@@ -39,7 +43,13 @@ def stub_config(**overrides: Any) -> StubConfig:
 
 
 def provider_config(stub: CoordinatorStub | str, **overrides: Any) -> Config:
-    """Provider settings for tests; ``stub`` is a running stub or its WebSocket URL."""
+    """Provider settings for tests; ``stub`` is a running stub or its WebSocket URL.
+
+    Protocol v2 (the default). Given a stub, the provider reads the stub's
+    signed catalog feed (served on the stub's HTTP port, not on the
+    WebSocket origin where a production coordinator serves it) and trusts
+    its key; given a URL, it sends no catalog fields.
+    """
     base: dict[str, Any] = {
         "coordinator_url": stub if isinstance(stub, str) else stub.ws_url,
         "provider_id": PID,
@@ -48,11 +58,42 @@ def provider_config(stub: CoordinatorStub | str, **overrides: Any) -> Config:
         "status_port": 0,
         "backoff_initial_s": 0.05,
         "backoff_max_s": 0.5,
-        # The stub in this tree speaks v1 only; the lead switches this to v2
-        # once the stub's v2 side is merged.
-        "protocol": "v1",
+        "protocol": "v2",
     }
+    if isinstance(stub, str):
+        base["catalog_feed_url"] = "off"
+    else:
+        base |= catalog_settings(stub)
     return msgspec.convert(base | overrides, Config)
+
+
+def catalog_settings(stub: CoordinatorStub) -> dict[str, Any]:
+    """The provider settings that make it read and trust ``stub``'s catalog feed."""
+    return {
+        "catalog_feed_url": stub.catalog_url,
+        "catalog_public_keys": {stub.catalog_key_id: stub.catalog_public_key},
+    }
+
+
+def registrations(stub: CoordinatorStub, provider_id: str = PID) -> int:
+    """How many times ``provider_id`` registered (``hello_ack`` or accepted ``auth_response``)."""
+    return len(stub.frames_sent(provider_id, "hello_ack")) + len(
+        stub.frames_sent(provider_id, "auth_response")
+    )
+
+
+def registration(stub: CoordinatorStub, provider_id: str = PID) -> Any:
+    """The first registration frame as the stub parsed it: ``hello`` or ``auth_request`` initial."""
+    frames = stub.frames_received(provider_id, "hello") + stub.frames_received(
+        provider_id, "auth_request"
+    )
+    return min(frames, key=lambda f: f.time).message
+
+
+@pytest.fixture(params=PROTOCOLS)
+def protocol(request: pytest.FixtureRequest) -> str:
+    """Run the test on each protocol: v2 (the default) and v1 (older coordinators)."""
+    return str(request.param)
 
 
 @pytest.fixture

@@ -32,11 +32,9 @@ async def buy(stub: CoordinatorStub, payload: dict[str, Any]) -> tuple[int, str]
         return response.status, await response.text()
 
 
-def request_frame(request_id: str) -> str:
-    body = json.dumps(chat("hi", max_tokens=3))
-    return json.dumps(
-        {"type": "inference_request", "request_id": request_id, "stream": False, "body": body}
-    )
+async def send_request(stub: CoordinatorStub, request_id: str) -> None:
+    """An ``inference_request`` the pool would not route now (sealed on the encrypted leg)."""
+    await stub.send_request(PID, json.dumps(chat("hi", max_tokens=3)), request_id=request_id)
 
 
 def is_buyer(frame: Any) -> bool:
@@ -78,7 +76,7 @@ async def test_every_preflight_reason_then_a_drain_refuses_new_work(
         ack = await stub.preflight(PID, 10)
         assert (ack.accepted, ack.reason) == (False, "draining")
         # A request that arrives anyway is refused at once, retryable, not queued.
-        await stub.send_raw(PID, request_frame("late"))
+        await send_request(stub, "late")
         late = await end_of(stub, "late")
         assert (late.status, late.retryable) == ("error_queue_full", True)
         assert late.error == "provider is draining; retry on another provider"
@@ -109,7 +107,7 @@ async def test_while_the_model_loads_requests_are_refused(stub: CoordinatorStub)
             "model_not_loaded",
             0,
         )
-        await stub.send_raw(PID, request_frame("early"))
+        await send_request(stub, "early")
         early = await end_of(stub, "early")
         assert (early.status, early.retryable) == ("error_model_not_loaded", True)
         assert early.error == "model is still loading; retry shortly"

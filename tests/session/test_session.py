@@ -22,7 +22,15 @@ from provider.config import load_config
 from provider.coordinator.messages import Preflight
 from provider.coordinator.session import Session
 
-from .conftest import PID, drain_phase, provider_config, running, stub_config
+from .conftest import (
+    PID,
+    drain_phase,
+    provider_config,
+    registration,
+    registrations,
+    running,
+    stub_config,
+)
 from .scripted_engine import ScriptedEngine
 
 
@@ -62,11 +70,13 @@ def heartbeat_times(stub: CoordinatorStub, since: float = 0.0) -> list[float]:
     return [f.time for f in stub.frames_received(PID, "heartbeat") if f.time >= since]
 
 
-async def test_registers_and_passes_the_warm_up_gate(stub: CoordinatorStub) -> None:
-    async with running(provider_config(stub)):
+async def test_registers_and_passes_the_warm_up_gate(stub: CoordinatorStub, protocol: str) -> None:
+    async with running(provider_config(stub, protocol=protocol)):
         await stub.wait_provider_state(PID, "ready")
-        hello = stub.frames_received(PID, "hello")[0].message
-        assert hello.provider_id == PID and hello.version == 1 and hello.max_concurrency == 1
+        hello = registration(stub)
+        assert hello.provider_id == PID and hello.max_concurrency == 1
+        assert hello.type == {"v1": "hello", "v2": "auth_request"}[protocol]
+        assert stub.provider(PID).protocol == int(protocol[1])  # type: ignore[union-attr]
         warm = stub.frames_sent(PID, "inference_request")[0].message
         assert "Reply with ok." in warm.body
         update = await stub.wait_frame(
@@ -154,14 +164,16 @@ async def test_blocked_handler_does_not_delay_receive(
         t_sent = time.monotonic()
         await stub.send_raw(PID, '{"type":"preflight","request_id":"slow","estimated_tokens":1}')
         for i in range(5):
-            await stub.send_raw(PID, json.dumps({"type": "cancel_request", "request_id": f"u{i}"}))
+            await stub.send_raw(
+                PID, json.dumps({"type": "preflight", "request_id": f"u{i}", "estimated_tokens": 1})
+            )
         # A heartbeat sent after the frames proves time passed on the provider.
         await stub.wait_frame(PID, "heartbeat", since=t_sent + 1.0)
         assert not released.is_set()
         assert session.frames_received == before + 6  # all received while the handler waits
         last = await stub.wait_frame(
             PID,
-            "inference_response_end",
+            "preflight_ack",
             where=lambda f: f.message.request_id == "u4",
             timeout=30,
         )
@@ -241,12 +253,13 @@ async def test_stalled_reads_are_detected_and_reconnected() -> None:
 
 
 async def test_coordinator_drain_finishes_jobs_then_reconnects(
-    stub: CoordinatorStub, monkeypatch: pytest.MonkeyPatch
+    stub: CoordinatorStub, monkeypatch: pytest.MonkeyPatch, protocol: str
 ) -> None:
     # A coordinator drain is not a shutdown: drain, close, come back after a pause.
     monkeypatch.setattr(agent_module, "COORDINATOR_DRAIN_RECONNECT_S", 0.3)
     engine = ScriptedEngine(tokens=40, step_s=0.025)
-    async with running(provider_config(stub, max_concurrency=2), engine) as run:
+    config = provider_config(stub, max_concurrency=2, protocol=protocol)
+    async with running(config, engine) as run:
         await stub.wait_provider_state(PID, "ready")
         jobs = [asyncio.create_task(buy(stub, body(f"job {i}"))) for i in range(2)]
         await stub.wait_for(lambda: run.agent.state.in_flight == 2, what="two jobs running")
@@ -256,9 +269,7 @@ async def test_coordinator_drain_finishes_jobs_then_reconnects(
         assert all(c["usage"]["completion_tokens"] == 40 for _, c in results)
         phases = [drain_phase(f) for f in stub.frames_received(PID, "drain_status")]
         assert phases[0] == "starting" and phases[-1] == "complete"
-        await stub.wait_for(
-            lambda: len(stub.frames_received(PID, "hello")) == 2, what="a new registration"
-        )
+        await stub.wait_for(lambda: registrations(stub) == 2, what="a new registration")
         await stub.wait_provider_state(PID, "ready")
         assert not run.task.done() and run.agent.state.state == "ready"
         assert await run.stop() == 0  # a signal's drain is what ends the process
@@ -269,8 +280,10 @@ async def test_drain_status_passes_the_coordinator_rules(stub: CoordinatorStub) 
         await stub.wait_provider_state(PID, "ready")
         await stub.drain(PID)
         await stub.wait_for(
-            lambda: [drain_phase(f) for f in stub.frames_received(PID, "drain_status")][-1:]
-            == ["complete"],
+            lambda: (
+                [drain_phase(f) for f in stub.frames_received(PID, "drain_status")][-1:]
+                == ["complete"]
+            ),
             what="the drain completed",
         )
         frames = stub.frames_received(PID, "drain_status")
@@ -343,8 +356,23 @@ async def test_sigterm_drains_in_flight_job_and_exits_0(stub: CoordinatorStub) -
             await proc.wait()
 
 
-async def test_cancel_for_unknown_request_gets_one_cancelled_end(stub: CoordinatorStub) -> None:
+async def test_cancel_for_unknown_request_is_ignored_on_the_encrypted_leg(
+    stub: CoordinatorStub,
+) -> None:
+    # An end frame for a request the coordinator does not hold would close
+    # the tier-2 session (Go's closeProviderForTier2AEADFailure).
     async with running(provider_config(stub)):
+        await stub.wait_provider_state(PID, "ready")
+        await stub.send_raw(PID, '{"type":"cancel_request","request_id":"ghost","reason":"x"}')
+        await stub.send_raw(PID, '{"type":"preflight","request_id":"mark","estimated_tokens":1}')
+        await stub.wait_frame(PID, "preflight_ack")
+        ends = stub.frames_received(PID, "inference_response_end")
+        assert [f for f in ends if f.message.request_id == "ghost"] == []
+        assert stub.drops == [] and stub.state(PID) == "ready"
+
+
+async def test_cancel_for_unknown_request_gets_one_cancelled_end(stub: CoordinatorStub) -> None:
+    async with running(provider_config(stub, protocol="v1")):
         await stub.wait_provider_state(PID, "ready")
         await stub.send_raw(PID, '{"type":"cancel_request","request_id":"ghost","reason":"x"}')
         end = await stub.wait_frame(
@@ -364,9 +392,11 @@ async def test_cancel_for_unknown_request_gets_one_cancelled_end(stub: Coordinat
         assert len(ghosts) == 1
 
 
-async def test_cancel_mid_stream_frees_slot_with_partial_usage(stub: CoordinatorStub) -> None:
+async def test_cancel_mid_stream_frees_slot_with_partial_usage(
+    stub: CoordinatorStub, protocol: str
+) -> None:
     engine = ScriptedEngine(tokens=100_000, step_s=0.005)
-    async with running(provider_config(stub), engine) as run:
+    async with running(provider_config(stub, protocol=protocol), engine) as run:
         await stub.wait_provider_state(PID, "ready")
         buyer = asyncio.create_task(buy(stub, body("stream", stream=True)))
         chunk = await stub.wait_frame(PID, "inference_response_chunk", where=not_warm_up)
@@ -383,21 +413,20 @@ async def test_cancel_mid_stream_frees_slot_with_partial_usage(stub: Coordinator
         await asyncio.gather(buyer, return_exceptions=True)
 
 
-async def test_duplicate_request_id_is_nakked(stub: CoordinatorStub) -> None:
+async def test_duplicate_request_id_is_nakked(stub: CoordinatorStub, protocol: str) -> None:
     engine = ScriptedEngine(tokens=200, step_s=0.01)
-    async with running(provider_config(stub, max_concurrency=2), engine):
+    async with running(provider_config(stub, max_concurrency=2, protocol=protocol), engine):
         await stub.wait_provider_state(PID, "ready")
-        frame = json.dumps(
-            {"type": "inference_request", "request_id": "dup", "stream": False,
-             "body": json.dumps(body("x", max_tokens=3))}
-        )  # fmt: skip
-        await stub.send_raw(PID, frame)
-        await stub.send_raw(PID, frame)
-        nak = await stub.wait_frame(PID, "nak")
-        assert nak.message.error.code == "duplicate_request_id"
+        request = json.dumps(body("x", max_tokens=3))
+        await stub.send_request(PID, request, request_id="dup")
         await stub.wait_frame(
             PID, "inference_response_end", where=lambda f: f.message.request_id == "dup"
         )
+        # The same id again after its end: refused by name, nothing runs twice.
+        await stub.send_request(PID, request, request_id="dup")
+        nak = await stub.wait_frame(PID, "nak")
+        assert nak.message.error.code == "duplicate_request_id"
+        assert nak.message.in_reply_to == "dup"
         ends = [
             f
             for f in stub.frames_received(PID, "inference_response_end")
@@ -406,17 +435,13 @@ async def test_duplicate_request_id_is_nakked(stub: CoordinatorStub) -> None:
         assert len(ends) == 1 and ends[0].message.status == "complete"
 
 
-async def test_full_provider_answers_queue_full(stub: CoordinatorStub) -> None:
+async def test_full_provider_answers_queue_full(stub: CoordinatorStub, protocol: str) -> None:
     engine = ScriptedEngine(tokens=100_000, step_s=0.01)
-    async with running(provider_config(stub), engine) as run:
+    async with running(provider_config(stub, protocol=protocol), engine) as run:
         await stub.wait_provider_state(PID, "ready")
         long = asyncio.create_task(buy(stub, body("long")))
         await stub.wait_for(lambda: run.agent.state.in_flight == 1, what="job running")
-        extra = json.dumps(
-            {"type": "inference_request", "request_id": "extra", "stream": False,
-             "body": json.dumps(body("x"))}
-        )  # fmt: skip
-        await stub.send_raw(PID, extra)
+        await stub.send_request(PID, json.dumps(body("x")), request_id="extra")
         end = await stub.wait_frame(
             PID, "inference_response_end", where=lambda f: f.message.request_id == "extra"
         )
@@ -425,30 +450,79 @@ async def test_full_provider_answers_queue_full(stub: CoordinatorStub) -> None:
         await asyncio.gather(long, return_exceptions=True)
 
 
-async def test_assigned_token_is_persisted_before_use(tmp_path: Path) -> None:
+def write_config(path: Path, **values: str) -> Path:
+    path.write_text("".join(f'{key} = "{value}"\n' for key, value in values.items()))
+    os.chmod(path, 0o600)
+    return path
+
+
+async def test_assigned_token_is_persisted_before_use(tmp_path: Path, protocol: str) -> None:
     first_token = "ptok_first_0123456789"
     async with CoordinatorStub(
         stub_config(tokens=(first_token,), issue_provider_token=True)
     ) as stub:
-        cfg_file = tmp_path / "config.toml"
-        cfg_file.write_text(
-            f'coordinator_url = "{stub.ws_url}"\nprovider_token = "{first_token}"\n'
+        cfg_file = write_config(
+            tmp_path / "config.toml", coordinator_url=stub.ws_url, provider_token=first_token
         )
-        os.chmod(cfg_file, 0o600)
         config, path = load_config(
             cfg_file,
-            overrides={"model": "scripted", "provider_id": PID, "status_port": 0, "protocol": "v1"},
-        )
+            overrides={"model": "scripted", "provider_id": PID, "status_port": 0,
+                       "protocol": protocol},
+        )  # fmt: skip
         async with running(config, config_path=path) as run:
             await stub.wait_provider_state(PID, "ready")
-            assigned = stub.frames_sent(PID, "hello_ack")[0].message.assigned_provider_token
+            ack_type = {"v1": "hello_ack", "v2": "auth_response"}[protocol]
+            assigned = stub.frames_sent(PID, ack_type)[0].message.assigned_provider_token
             assert assigned and assigned in cfg_file.read_text()
             assert run.agent.token == assigned
+            # This session is routable already: the token is for the next one.
+            assert registrations(stub) == 1
             first = stub.session(PID)
             stub.drop(PID)
             await stub.wait_for(
                 lambda: stub.session(PID) not in (None, first), what="reconnected with new token"
             )
+            assert stub.rejections == []
+
+
+async def test_self_minted_token_is_persisted_then_used_to_reconnect(
+    tmp_path: Path, protocol: str
+) -> None:
+    # Tokenless admission (production allows it): admitted, not routable; the
+    # provider persists the minted token and reconnects with it as a Bearer.
+    gates = {"require_provider_tokens": True, "allow_tokenless_provisional_bootstrap": True}
+    async with CoordinatorStub(stub_config(**gates)) as stub:
+        cfg_file = write_config(tmp_path / "config.toml", coordinator_url=stub.ws_url)
+        config, path = load_config(
+            cfg_file,
+            overrides={"model": "scripted", "provider_id": PID, "status_port": 0,
+                       "protocol": protocol, "catalog_feed_url": "off"},
+        )  # fmt: skip
+        async with running(config, config_path=path) as run:
+            unrouted = await stub.wait_for(
+                lambda: next(
+                    (p for p in stub.status()["providers"]
+                     if "auth_state:self_minted" in p["not_routable_reasons"]),
+                    None,
+                ),
+                what="the self-minted session, not routable",
+            )  # fmt: skip
+            assert not unrouted["routable"]
+            await stub.wait_for(lambda: registrations(stub) == 2, what="the Bearer session")
+            await stub.wait_provider_state(PID, "ready")
+            record = stub.provider(PID)
+            assert record is not None and record.auth_state == "bearer_validated"
+            ack_type = {"v1": "hello_ack", "v2": "auth_response"}[protocol]
+            first, second = (f.message for f in stub.frames_sent(PID, ack_type))
+            assert first.auth_state == "self_minted" and first.assigned_provider_token
+            assert second.auth_state == "bearer_validated"
+            assert run.agent.token == first.assigned_provider_token
+            assert f'provider_token = "{run.agent.token}"' in cfg_file.read_text()
+            assert cfg_file.stat().st_mode & 0o777 == 0o600
+            header = stub.session(PID).conn.request.headers["Authorization"]  # type: ignore[union-attr]
+            assert header == f"Bearer {run.agent.token}"
+            status, completion = await buy(stub, body("after the upgrade"))
+            assert status == 200 and completion["choices"][0]["message"]["content"]
             assert stub.rejections == []
 
 
@@ -483,7 +557,7 @@ async def test_fatal_close_code_stops_the_agent() -> None:
                        "provider_id": PID, "status_port": 0},
         )  # fmt: skip
         async with running(config) as run:
-            assert await asyncio.wait_for(run.task, 5) == 0
+            assert await asyncio.wait_for(run.task, 30) == 0
             assert "4009" in run.agent.exit_reason and "banned" in run.agent.exit_reason
 
 
@@ -493,7 +567,8 @@ async def test_connects_while_loading_and_passes_the_gate_once_loaded() -> None:
     # not the stub's 10 s pause.
     async with CoordinatorStub(stub_config(warmup_retry_s=10.0)) as stub:
         async with running(provider_config(stub), ScriptedEngine(load_s=0.5)):
-            hello = (await stub.wait_frame(PID, "hello")).message
+            await stub.wait_connected(PID)
+            hello = registration(stub)
             assert hello.model_params_b == 0 and hello.throughput_tps_estimate == 0
             beat = await stub.wait_frame(PID, "heartbeat")
             assert beat.message.loading is True and beat.message.status == "degraded"
@@ -522,9 +597,7 @@ async def test_a_bug_in_a_session_costs_a_reconnect_not_the_process(
 
     monkeypatch.setattr(Agent, "heartbeat_message", flaky)
     async with running(provider_config(stub)) as run:
-        await stub.wait_for(
-            lambda: len(stub.frames_received(PID, "hello")) >= 2, what="a second registration"
-        )
+        await stub.wait_for(lambda: registrations(stub) >= 2, what="a second registration")
         await stub.wait_provider_state(PID, "ready")
         assert not run.task.done()
         assert run.agent.reconnects[0]["cause"] == "internal_error"
