@@ -121,13 +121,15 @@ def model_dir(args: argparse.Namespace) -> Iterator[Path]:
 
 
 class Prompts:
-    """Chat messages whose templated prompt is ``PROMPT_TOKENS`` long, each unique."""
+    """Chat messages whose templated prompt is ``tokens`` long (``PROMPT_TOKENS``), each unique."""
 
-    def __init__(self, model: Path) -> None:
+    def __init__(self, model: Path, tokens: int = PROMPT_TOKENS) -> None:
         from mlx_lm.utils import load_tokenizer
 
         self.tokenizer = load_tokenizer(model)
-        self.filler = self.tokenizer.encode(FILLER * 40, add_special_tokens=False)
+        self.tokens = tokens
+        repeats = max(40, 2 * tokens // max(1, len(self.tokenizer.encode(FILLER))) + 1)
+        self.filler = self.tokenizer.encode(FILLER * repeats, add_special_tokens=False)
 
     def count(self, content: str) -> int:
         messages = [{"role": "user", "content": content}]
@@ -137,15 +139,15 @@ class Prompts:
         prefix = f"[run {uuid.uuid4().hex[:12]}] "
         # Grow the filler until the templated prompt reaches the target; a
         # decoded-then-re-encoded slice can come out a token off, so check.
-        n = max(0, PROMPT_TOKENS - self.count(prefix) - 2)
+        n = max(0, self.tokens - self.count(prefix) - 2)
         best = prefix
         while n < len(self.filler):
             content = prefix + self.tokenizer.decode(self.filler[:n])
             count = self.count(content)
-            if count > PROMPT_TOKENS:
+            if count > self.tokens:
                 break
             best = content
-            if count == PROMPT_TOKENS:
+            if count == self.tokens:
                 break
             n += 1
         return best

@@ -161,7 +161,8 @@ async def provider(
     env = {f"MLX_PROVIDER_{k.upper()}": str(v) for k, v in settings.items()}
     async with serving(model, max_concurrency=max_concurrency, env=env) as http_url:
         name = "provider" + "".join(f" {k}={v}" for k, v in settings.items())
-        yield Endpoint(name, f"{http_url}/v1/chat/completions")
+        # The provider serves its model under the directory's name and refuses others.
+        yield Endpoint(name, f"{http_url}/v1/chat/completions", {"model": model.name})
 
 
 @contextlib.asynccontextmanager

@@ -72,7 +72,7 @@ from provider.coordinator.safety import observed_at, safety_telemetry
 from provider.coordinator.session import Session
 from provider.coordinator.state import StateMachine, Status
 from provider.coordinator.window import MetricsWindow
-from provider.engine import Engine
+from provider.engine import Engine, EngineTimings
 from provider.host import guard, hardware
 from provider.host.hardware import HardwareFacts
 from provider.host.model_identity import ModelIdentity, ModelIdentityError, model_identity
@@ -200,6 +200,7 @@ class Agent:
             load.cancel()
             host.cancel()
             await asyncio.gather(load, host, return_exceptions=True)
+            telemetry.unwatch_engine(self.model_id)
             await self.engine.close()
 
     @property
@@ -282,6 +283,7 @@ class Agent:
             return
         finally:
             self.clear_degraded("loading_model")
+        telemetry.watch_engine(self.model_id, self.engine.timings)
         log.info(
             "model loaded",
             extra={
@@ -738,6 +740,7 @@ class Agent:
                 "loading": self.engine.loading,
                 "max_context_tokens": info.max_context_tokens if info else None,
                 "throughput_tps_estimate": info.throughput_tps_estimate if info else None,
+                **_pace_fields(self.engine.timings()),
             },
             "memory": {"rss_bytes": hardware.rss_bytes(), **_memory_fields(self.engine)},
             "host": self.host_status(),
@@ -776,6 +779,30 @@ class Agent:
 
     def is_healthy(self) -> bool:
         return self.session is not None and self.state.state in ("ready", "busy")
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def _pace_fields(t: EngineTimings) -> dict[str, Any]:
+    """The engine's inter-token latency and prefill slice, as the status document shows them."""
+    return {
+        "inter_token_latency_ms": {
+            "p50": _ms(t.inter_token_p50_s),
+            "p99": _ms(t.inter_token_p99_s),
+            "max": _ms(t.inter_token_max_s),
+            "samples": t.inter_token_samples,
+        },
+        "prefill_slice": {
+            # None: no time slicing, chunks are a fixed prefill_step_size.
+            "budget_ms": _ms(t.prefill_slice_s),
+            "tokens": t.prefill_chunk_tokens,
+            "tokens_per_s": None
+            if t.prefill_tokens_per_s is None
+            else round(t.prefill_tokens_per_s, 1),
+        },
+    }
 
 
 def _window_fields(window: MetricsWindow) -> dict[str, Any]:

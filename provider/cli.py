@@ -58,6 +58,13 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--model", metavar="DIR_OR_REPO", help="model directory or Hugging Face repo")
     p.add_argument("--max-concurrency", type=int, metavar="N")
     p.add_argument("--max-context-tokens", type=int, metavar="N")
+    p.add_argument(
+        "--prefill-slice-ms",
+        type=float,
+        metavar="MS",
+        help="time one prefill chunk should take (default: 100, or 3 decode steps when "
+        "longer; 0: fixed prefill_step_size chunks)",
+    )
     p.add_argument("--status-port", type=int, metavar="N", help="local status port; 0 disables")
     p.add_argument("--drain-timeout", type=float, metavar="S")
     p.add_argument("--draft-model", metavar="DIR_OR_REPO", help="draft model for speculation")
@@ -94,6 +101,7 @@ def serve_config(args: argparse.Namespace) -> tuple[Config, Any]:
         "model": args.model,
         "max_concurrency": args.max_concurrency,
         "max_context_tokens": args.max_context_tokens,
+        "prefill_slice_ms": args.prefill_slice_ms,
         "status_port": args.status_port,
         "drain_timeout_s": args.drain_timeout,
         "draft_model": args.draft_model,
@@ -128,6 +136,7 @@ def make_engine(config: Config) -> Any:
         max_context_tokens=config.max_context_tokens,
         default_max_tokens=config.default_max_tokens,
         prefill_step_size=config.prefill_step_size,
+        prefill_slice_ms=config.prefill_slice_ms,
         handoff_interval=config.chunk_interval_ms / 1000.0,
         memory_budget_bytes=config.memory_budget_bytes,
         prompt_cache_bytes=config.prompt_cache_bytes,

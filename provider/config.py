@@ -53,7 +53,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     Serving: ``model`` (a local directory or a Hugging Face repo id),
     ``max_concurrency``, ``max_context_tokens`` (``None``: the model's),
-    ``default_max_tokens``, ``prefill_step_size``, ``chunk_interval_ms``
+    ``default_max_tokens``, ``prefill_step_size`` (the most prompt tokens
+    in one prefill chunk), ``prefill_slice_ms`` (how long one prefill chunk
+    should take; ``None``: 100 ms, or 3 of the model's decode steps when
+    that is longer; 0: fixed ``prefill_step_size`` chunks), ``chunk_interval_ms``
     (how long tokens are coalesced into one ``inference_response_chunk``
     after the first), ``drain_timeout_s`` (then what still runs is
     cancelled), ``request_timeout_s`` (a request running longer ends
@@ -108,6 +111,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_context_tokens: Annotated[int, Meta(ge=16)] | None = None
     default_max_tokens: Annotated[int, Meta(ge=1)] = 512
     prefill_step_size: Annotated[int, Meta(ge=1)] = 512
+    prefill_slice_ms: Annotated[float, Meta(ge=0, le=60_000)] | None = None
     chunk_interval_ms: Annotated[float, Meta(ge=0, le=1000)] = 20.0
     drain_timeout_s: Annotated[float, Meta(ge=0)] = 300.0
     # Not below the coordinator's routing.request_timeout_s (900 s).

@@ -14,7 +14,8 @@ Contract of :meth:`Engine.generate`:
 - ``cancel`` is a :class:`threading.Event` the generation thread checks on
   every decode step and between prefill chunks. Once it is set, the iterator
   yields one last batch with ``finish_reason="cancelled"`` and the partial
-  usage (within one step, or one prefill chunk), and ends.
+  usage (within one step, or one prefill chunk: about ``prefill_slice_ms``),
+  and ends.
 - A request the engine cannot serve raises :class:`EngineError` carrying the
   ``inference_response_end`` status and a buyer-facing message, before or
   instead of any batch (e.g. ``error_context_exceeded``).
@@ -125,6 +126,28 @@ class MemoryStatus:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class EngineTimings:
+    """What the engine measures of its own pace, for ``status`` and ``/metrics``.
+
+    Inter-token latency is the time between two consecutive tokens of one
+    request, as the generation thread samples them, over the latest gaps of
+    all requests (``inter_token_samples`` of them; ``None`` before any).
+    ``prefill_slice_s`` is the time budget of one prefill chunk (``None``:
+    chunks are a fixed ``prefill_step_size``); ``prefill_chunk_tokens`` is
+    the size of the latest chunk and ``prefill_tokens_per_s`` the prefill
+    speed measured on it (``None`` before the first).
+    """
+
+    inter_token_p50_s: float | None = None
+    inter_token_p99_s: float | None = None
+    inter_token_max_s: float | None = None
+    inter_token_samples: int = 0
+    prefill_slice_s: float | None = None
+    prefill_chunk_tokens: int | None = None
+    prefill_tokens_per_s: float | None = None
+
+
 class EngineError(Exception):
     """A request the engine will not or cannot complete.
 
@@ -171,6 +194,10 @@ class Engine(Protocol):
 
     async def warm_up(self) -> None:
         """Run a tiny generation without taking a request slot (``warm_up`` message)."""
+        ...
+
+    def timings(self) -> EngineTimings:
+        """Inter-token latency and prefill pacing as measured so far (cheap; from the loop)."""
         ...
 
     async def close(self) -> None:

@@ -3,45 +3,46 @@
 One :class:`mlx_lm.generate.BatchGenerator` decodes every running request
 together. Every scheduler turn runs one decode step, hands its tokens over,
 then runs one prefill chunk of the oldest waiting prompt, so decoding goes on
-while a prompt is prefilled. Prompts are prefilled one at a time in arrival
-order, each into its own KV cache, the way
-:func:`mlx_lm.generate.generate_step` does it; the last chunk also samples the
-first token, which goes out at once, and the request then joins the
-generator with that cache (``BatchGenerator.insert(..., caches=...)``). So a
-buyer's first token never waits behind a later buyer's prefill, and the next
-prompt's prefill waits for no more than one decode step.
+while a prompt is prefilled. Each chunk is sized to take about
+``prefill_slice_ms`` (:mod:`.prefill`, :mod:`.pacing`; at most
+``prefill_step_size`` tokens), so a running stream waits about one slice
+plus its own decode step for its next token, however long the newcomer's
+prompt. Prompts are prefilled one at a time in arrival order, each into its
+own KV cache, the way :func:`mlx_lm.generate.generate_step` does it; the
+last chunk is followed, in the same turn, by the last prompt token, which
+samples the first token; that goes out at once, and the request then joins
+the generator with that cache (``BatchGenerator.insert(..., caches=...)``).
+So a buyer's first token never waits behind a later buyer's prefill.
 
-Cancellation is checked before every decode step and, during prefill, after
-every chunk of ``prefill_step_size`` tokens.
+The newcomer's chunk and the running requests' decode step go through the
+model one after the other, not as one mixed batch: on the CPU a forward
+pass costs the same per token either way (measured in
+``docs/benchmarks.md``), and a mixed batch would need a ragged forward pass
+mlx-lm does not have.
+
+Cancellation is checked before every decode step and after every prefill
+chunk, so within one slice.
 
 A prompt starts from its longest cached prefix (:meth:`Runtime.fetch`: the
-prefill starts at ``fill.done``), and every request's KV cache goes to the
-prefix cache when it ends (:meth:`Runtime.keep`, :meth:`Runtime.keep_batched`).
-The oldest waiting prompt starts only when its KV memory fits beside the
-running requests (:meth:`Runtime.admit`); until then it and those behind it
-wait, in order.
+sliced prefill starts at ``fill.done``, so a second turn prefills only what
+is new), and every request's KV cache goes to the prefix cache when it ends
+(:meth:`Runtime.keep`, :meth:`Runtime.keep_batched`); a prompt cancelled
+while it is prefilled leaves as much as it filled. The oldest waiting prompt
+starts only when its KV memory fits beside the running requests
+(:meth:`Runtime.admit`); until then it and those behind it wait, in order.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Any
 
 from provider.engine import EngineError
 from provider.engine.job import GenerationJob
+from provider.engine.prefill import Prefill, fill_chunk, first_token
 from provider.engine.runtime import Runtime
 
 log = logging.getLogger("mlx_provider.engine")
-
-
-class _Prefill:
-    """A prompt being prefilled: its job, its own KV cache, and how far it got."""
-
-    def __init__(self, job: GenerationJob, cache: list[Any]) -> None:
-        self.job = job
-        self.cache = cache
-        self.done = 0  # prompt tokens already in the cache
 
 
 def serve_batched(rt: Runtime) -> None:
@@ -63,7 +64,7 @@ def serve_batched(rt: Runtime) -> None:
     eos_stop = StopSequences([(t,) for t in sorted(rt.tokenizer.eos_token_ids)])
     generator = make_generator()
     pending: deque[GenerationJob] = deque()  # arrived, prefill not started
-    filling: _Prefill | None = None  # the prompt being prefilled
+    filling: Prefill | None = None  # the prompt being prefilled
     running: dict[int, GenerationJob] = {}  # decoding in the generator, by uid
     try:
         while True:
@@ -135,7 +136,7 @@ def serve_batched(rt: Runtime) -> None:
                         job.finish("length")
                     rt.finished(job)
 
-            # Then one chunk of the oldest prompt. Prompts are prefilled one
+            # Then one slice of the oldest prompt. Prompts are prefilled one
             # at a time in arrival order, so the first buyer is not held
             # behind the others.
             if filling is None and pending and rt.admit(pending[0], alone=not running):
@@ -143,8 +144,7 @@ def serve_batched(rt: Runtime) -> None:
                 try:
                     rt.start(job)
                     hit = rt.fetch(job)
-                    filling = _Prefill(job, hit.cache)
-                    filling.done = hit.tokens
+                    filling = Prefill(job, hit.cache, done=hit.tokens)
                 except Exception as exc:
                     log.exception("%s: could not start", job.request_id)
                     job.fail(EngineError("error_internal", f"generation failed: {exc}"))
@@ -154,7 +154,11 @@ def serve_batched(rt: Runtime) -> None:
             job = filling.job
             first = None
             try:
-                first = prefill_chunk(rt, filling)
+                fill_chunk(rt, filling)
+                if filling.filled and not job.cancel.is_set():
+                    # In the same turn: no decode step of the others comes
+                    # between the prefill and the first token.
+                    first = first_token(rt, filling)
             except Exception as exc:
                 log.exception("%s: prefill failed", job.request_id)
                 job.fail(EngineError("error_internal", f"generation failed: {exc}"))
@@ -192,39 +196,3 @@ def serve_batched(rt: Runtime) -> None:
             filling = None
     finally:
         generator.close()
-
-
-def prefill_chunk(rt: Runtime, fill: _Prefill) -> tuple[int, Any] | None:
-    """Run the next chunk of ``fill``'s prompt; once it is all in, its first token and logprobs.
-
-    As in :func:`mlx_lm.generate.generate_step`: every prompt token but the
-    last goes through the model in chunks of ``prefill_step_size``, then the
-    last one gives the logits of the first completion token. That last step
-    follows the last chunk in the same call, so no decode step of other
-    requests comes between the prefill and the first token.
-    """
-    import mlx.core as mx
-
-    job = fill.job
-    prompt = job.prompt
-    rest = len(prompt) - 1 - fill.done
-    if rest > 0:
-        n = min(rt.prefill_step_size, rest)
-        rt.model(mx.array(prompt[fill.done : fill.done + n])[None], cache=fill.cache)
-        mx.eval([c.state for c in fill.cache])
-        mx.clear_cache()
-        fill.done += n
-        job.stats.prefill_chunks += 1
-        rt.step_done(job, "prefill")
-        if n < rest or job.cancel.is_set():
-            return None  # the next turn runs the next chunk, or ends a cancelled job
-    logits = rt.model(mx.array(prompt[-1:])[None], cache=fill.cache)[:, -1, :]
-    if job.logits_processors:
-        # As generate_step does: the first call sees the prompt only.
-        tokens = mx.array(prompt)
-        for processor in job.logits_processors:
-            logits = processor(tokens, logits)
-    assert job.sampler is not None
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    token = job.sampler(logprobs)
-    return int(token.item()), logprobs[0]

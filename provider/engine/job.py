@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from provider.engine import EngineError
 from provider.engine.output import OutputParser, Pieces
+from provider.engine.pacing import GapWindow
 from provider.engine.sampling import (
     GrammarProcessor,
     LogitsProcessor,
@@ -46,19 +47,22 @@ class RequestStats:
     """Counters of one request, updated live by the generation thread.
 
     ``prefill_chunks`` counts prompt chunks processed before the first decode
-    step; ``decode_steps`` counts tokens sampled (EOS included);
+    step and ``prefill_tokens`` the prompt tokens they held (a prefix taken
+    from the prefix cache is not counted: that is ``cached_tokens``);
+    ``decode_steps`` counts tokens sampled (EOS included);
     ``completion_tokens`` counts tokens returned in usage (EOS excluded);
     ``token_ids`` holds them when the engine records token ids;
-    ``cached_tokens`` counts prompt tokens taken from the prefix cache;
     ``speculation`` says how the request decoded (``"draft"``, ``"lookup"``
     or None) and ``drafted``/``accepted`` count proposed and accepted
-    tokens. Times are :func:`time.perf_counter` values.
+    tokens. Times are :func:`time.perf_counter` values; ``max_gap_s`` is
+    the longest time between two consecutive sampled tokens.
     """
 
     request_id: str
     prompt_tokens: int
     max_tokens: int
     prefill_chunks: int = 0
+    prefill_tokens: int = 0
     decode_steps: int = 0
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
@@ -71,6 +75,8 @@ class RequestStats:
     submitted_at: float = 0.0
     started_at: float | None = None
     first_token_at: float | None = None
+    last_token_at: float | None = None
+    max_gap_s: float = 0.0
     finished_at: float | None = None
 
     @property
@@ -149,6 +155,7 @@ class GenerationJob:
         self.detokenizer: Any = None
         self.eos: frozenset[int] = frozenset()
         self.record_tokens = False
+        self.gaps: GapWindow | None = None
         self.held = ""  # decoded text that may be the start of a stop string
         self.done = False
         # Hand-off to the event loop.
@@ -180,8 +187,15 @@ class GenerationJob:
         """Consume one sampled token (and its step's log-probabilities); True when finished."""
         stats = self.stats
         stats.decode_steps += 1
+        now = time.perf_counter()
         if stats.first_token_at is None:
-            stats.first_token_at = time.perf_counter()
+            stats.first_token_at = now
+        else:
+            gap = now - (stats.last_token_at or now)
+            stats.max_gap_s = max(stats.max_gap_s, gap)
+            if self.gaps is not None:
+                self.gaps.add(gap)
+        stats.last_token_at = now
         if token in self.eos:
             self.detokenizer.finalize()
             self._text(self.detokenizer.last_segment, final=True)

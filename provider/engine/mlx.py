@@ -11,16 +11,23 @@ Each request is a :class:`~provider.engine.job.GenerationJob`; results cross
 back batched (see :mod:`.job`). Scheduling is :mod:`.sequential` for
 ``max_concurrency == 1`` and :mod:`.batched` above it.
 
-Cancellation is checked before every decode step and, during prefill, after
-every chunk of ``prefill_step_size`` tokens. :attr:`MlxEngine.last_stats` keeps
-per-request counters (prefill chunks, decode steps, tokens) that tests use to
-check how far a request ran after its ``cancel`` was set, and
-:attr:`MlxEngine.step_hook` is called on the generation thread after each step.
+Prompts are prefilled in chunks sized to take ``prefill_slice_ms`` each
+(:mod:`.pacing`, from the prefill speed measured as the engine runs), so
+cancellation, checked before every decode step and after every prefill
+chunk, is seen within one slice, and with continuous batching the running
+streams get a decode step between any two chunks. :meth:`MlxEngine.timings`
+reports the inter-token latency and the current chunk size.
+
+:attr:`MlxEngine.last_stats` keeps per-request counters (prefill chunks,
+decode steps, tokens) that tests use to check how far a request ran after
+its ``cancel`` was set, and :attr:`MlxEngine.step_hook` is called on the
+generation thread after each step.
 
 Memory: requests start from the longest cached prefix of their prompt
-(:mod:`.prompt_cache`); each one's KV memory is reserved from a budget
-before it runs, and the advertised context is capped at what one request
-can hold (:mod:`.capacity`). KV caches may be quantized (``kv_bits``), and a
+(:mod:`.prompt_cache`), and the sliced prefill runs only the rest; each
+one's KV memory is reserved from a budget before it runs, and the
+advertised context is capped at what one request can hold
+(:mod:`.capacity`). KV caches may be quantized (``kv_bits``), and a
 sequential engine decodes greedy requests speculatively (:mod:`.speculative`).
 """
 
@@ -41,7 +48,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from provider.engine import EngineError, MemoryStatus, ModelInfo, TokenBatch
+from provider.engine import EngineError, EngineTimings, MemoryStatus, ModelInfo, TokenBatch
 from provider.engine.batched import serve_batched
 from provider.engine.capacity import (
     Capacity,
@@ -62,6 +69,7 @@ from provider.engine.loading import (
     model_hash,
     vocab_size,
 )
+from provider.engine.pacing import GapWindow, PrefillPacer
 from provider.engine.prompt_cache import PromptCache
 from provider.engine.runtime import Runtime
 from provider.engine.sampling import TokenTable
@@ -74,6 +82,12 @@ log = logging.getLogger("mlx_provider.engine")
 
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_PREFILL_STEP_SIZE = 512
+#: The default prefill slice: a stall of 100 ms is hardly seen in a stream of text...
+DEFAULT_PREFILL_SLICE_MS = 100.0
+#: ... but a slice much shorter than a decode step starves the newcomer: with
+#: chunks of s and decode steps of d, its prefill takes (1 + d/s) times as long.
+#: So the default is at least this many decode steps (docs/benchmarks.md).
+SLICE_DECODE_STEPS = 3
 DEFAULT_WARMUP_TOKENS = 16
 #: Environment variable that turns ``ignore_eos`` on when the constructor leaves it None.
 IGNORE_EOS_ENV = "MLX_ENGINE_IGNORE_EOS"
@@ -107,8 +121,17 @@ class MlxEngine:
             (default 512).
 
     Prefill:
-        prefill_step_size: prompt tokens per prefill chunk (default 512); also
-            the granularity at which a cancel interrupts a prefill.
+        prefill_slice_ms: how long one prefill chunk should take (the engine
+            sizes chunks from the prefill speed it measures). Running streams
+            get a decode step, and cancels are looked at, between chunks.
+            None (default): 100 ms, or 3 decode steps (from the decode speed
+            measured at load) when that is longer. 0: no time slicing,
+            every chunk is ``prefill_step_size`` tokens.
+        prefill_step_size: the most prompt tokens in one prefill chunk
+            (default 512).
+        A prompt whose prefix is in the prefix cache is prefilled from
+        there; a draft model's cache is prefilled in slices too (with its
+        own measured speed).
 
     Memory:
         memory_budget_bytes: KV memory for running requests plus the prefix
@@ -168,6 +191,7 @@ class MlxEngine:
         max_context_tokens: int | None = None,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+        prefill_slice_ms: float | None = None,
         handoff_interval: float = 0.02,
         warmup_tokens: int = DEFAULT_WARMUP_TOKENS,
         ignore_eos: bool | None = None,
@@ -197,12 +221,16 @@ class MlxEngine:
             raise ValueError("default_max_tokens and prefill_step_size must be >= 1")
         if max_context_tokens is not None and max_context_tokens < 2:
             raise ValueError("max_context_tokens must be >= 2")
+        if prefill_slice_ms is not None and prefill_slice_ms < 0:
+            raise ValueError("prefill_slice_ms must be >= 0 (0: no time slicing)")
         self.model = str(model)
         self.trust_remote_code = trust_remote_code
         self.max_concurrency = max_concurrency
         self.configured_context_tokens = max_context_tokens
         self.default_max_tokens = default_max_tokens
         self.prefill_step_size = prefill_step_size
+        #: As configured; None is resolved for the device when the model loads.
+        self.prefill_slice_ms = prefill_slice_ms
         self.handoff_interval = handoff_interval
         self.warmup_tokens = max(2, warmup_tokens)
         if ignore_eos is None:
@@ -225,6 +253,10 @@ class MlxEngine:
         #: Called on the generation thread after every prefill chunk and decode
         #: step of every request, before the cancel check. For tests; keep it fast.
         self.step_hook: Callable[[RequestStats, StepKind], None] | None = None
+
+        # Shared with the generation thread: it writes, the loop reads.
+        self._pacer = PrefillPacer(None, prefill_step_size)
+        self._gaps = GapWindow()
 
         self._info: ModelInfo | None = None
         self._loading = False
@@ -250,6 +282,7 @@ class MlxEngine:
         self._eos_mask: Any = None
         self._context_tokens = 0
         self._draft: Any = None
+        self._draft_pacer: PrefillPacer | None = None
         self._batched = False
         self._shape: KvShape | None = None
         self._capacity: Capacity | None = None
@@ -423,6 +456,20 @@ class MlxEngine:
         async for _ in self._results(job):
             pass
 
+    def timings(self) -> EngineTimings:
+        """Inter-token latency (the latest gaps of all requests) and prefill pacing."""
+        samples, p50, p99, worst = self._gaps.summary()
+        pacer = self._pacer
+        return EngineTimings(
+            inter_token_p50_s=p50,
+            inter_token_p99_s=p99,
+            inter_token_max_s=worst,
+            inter_token_samples=samples,
+            prefill_slice_s=pacer.slice_s,
+            prefill_chunk_tokens=pacer.last_chunk,
+            prefill_tokens_per_s=pacer.tokens_per_s,
+        )
+
     def estimated_wait_ms(self, context_tokens: int) -> int:
         """Milliseconds before a new request of ``context_tokens`` would start its prefill.
 
@@ -442,7 +489,11 @@ class MlxEngine:
             live.append(
                 Live(
                     context=len(job.prompt) + job.max_tokens,
-                    prefill_left=0 if started else len(job.prompt) - stats.cached_tokens,
+                    prefill_left=(
+                        0
+                        if started
+                        else len(job.prompt) - stats.cached_tokens - stats.prefill_tokens
+                    ),
                     decode_left=max(0, job.max_tokens - stats.completion_tokens),
                     admitted=job.request_id in admitted,
                 )
@@ -680,6 +731,8 @@ class MlxEngine:
             prefill_step_size=self.prefill_step_size,
             record_token_ids=self.record_token_ids,
             hook=lambda: self.step_hook,
+            pacer=self._pacer,
+            gaps=self._gaps,
             vocab_size=self._vocab_size,
             plain_greedy=greedy_sampler,
             prompt_cache=self._prompt_cache,
@@ -688,6 +741,7 @@ class MlxEngine:
             kv_group_size=self.kv_group_size,
             quantized_kv_start=self.quantized_kv_start,
             draft_model=self._draft,
+            draft_pacer=self._draft_pacer,
             num_draft_tokens=self.num_draft_tokens,
             lookup=self._lookup,
         )
@@ -764,8 +818,20 @@ class MlxEngine:
         tps = measure_throughput(
             model, self._stream, self._encode_text("Hello"), mask, self.warmup_tokens
         )
+        slice_ms = self.prefill_slice_ms
+        if slice_ms is None:
+            slice_ms = default_slice_ms(tps)
+        self._pacer.slice_s = slice_ms / 1000.0 or None
+        if tps > 0:
+            self._pacer.seed(1.0 / tps)
         self._batched = self.max_concurrency > 1 and self._batchable()
         self._load_draft(loaded.config)
+        if self._draft is not None:
+            # The draft model's prefill is sliced too, timed apart (it is faster);
+            # the model's decode step is a slow, so safe, first guess for it.
+            self._draft_pacer = PrefillPacer(self._pacer.slice_s, self.prefill_step_size)
+            if tps > 0:
+                self._draft_pacer.seed(1.0 / tps)
         self._plan_memory(tps)
         self._plan_lookup(tps)
         path = Path(self.model)
@@ -892,3 +958,10 @@ def _hash_hint(key: str | None) -> str | None:
     if not key:
         return None
     return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def default_slice_ms(decode_tps: float) -> float:
+    """The prefill slice when none is configured: 100 ms, or 3 decode steps if longer."""
+    if decode_tps <= 0:
+        return DEFAULT_PREFILL_SLICE_MS
+    return max(DEFAULT_PREFILL_SLICE_MS, SLICE_DECODE_STEPS * 1000.0 / decode_tps)

@@ -2,10 +2,11 @@
 
 A :class:`Runtime` is made on the generation thread after loading and used
 only there: the model, the tokenizer, the MLX stream, the command queue the
-event loop submits jobs through, and the stop flag; and where a request's KV
-cache comes from and goes to: the prefix cache (:mod:`.prompt_cache`), the
-memory book (:mod:`.capacity`), KV quantization and speculative decoding
-(:mod:`.speculative`).
+event loop submits jobs through, and the stop flag; the prefill pacers and
+the inter-token gap window (which the event loop may read); and where a
+request's KV cache comes from and goes to: the prefix cache
+(:mod:`.prompt_cache`), the memory book (:mod:`.capacity`), KV quantization
+and speculative decoding (:mod:`.speculative`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Literal
 from provider.engine import EngineError
 from provider.engine.capacity import Capacity
 from provider.engine.job import GenerationJob, RequestStats, StepKind
+from provider.engine.pacing import GapWindow, PrefillPacer
 from provider.engine.prompt_cache import MISS, Hit, PromptCache, cache_length
 from provider.engine.sampling import Sampler, make_sampler
 from provider.engine.speculative import (
@@ -28,7 +30,6 @@ from provider.engine.speculative import (
     LookupStats,
     eligible,
     lookup_generate_step,
-    prefill,
 )
 
 log = logging.getLogger("mlx_provider.engine")
@@ -41,7 +42,10 @@ class Runtime:
     """The generation thread's state and settings (see the module docstring).
 
     ``commands`` carries jobs, and ``None`` for "stop"; ``hook()`` returns
-    the current step hook (tests may set it at any time).
+    the current step hook (tests may set it at any time). ``pacer`` sizes
+    prefill chunks (``prefill_step_size`` is its upper bound), and
+    ``draft_pacer`` the draft model's; ``gaps`` collects every request's
+    inter-token gaps.
     """
 
     model: Any
@@ -56,6 +60,8 @@ class Runtime:
     prefill_step_size: int
     record_token_ids: bool
     hook: Callable[[], StepHook | None]
+    pacer: PrefillPacer
+    gaps: GapWindow
     #: The model's logits width (token ids are below it).
     vocab_size: int = 0
     #: Greedy without the EOS mask (for grammar-constrained requests).
@@ -66,6 +72,7 @@ class Runtime:
     kv_group_size: int = 64
     quantized_kv_start: int = 5000
     draft_model: Any = None
+    draft_pacer: PrefillPacer | None = None
     num_draft_tokens: int = 3
     lookup: LookupCosts | None = None
 
@@ -100,6 +107,7 @@ class Runtime:
             vocab_size=self.vocab_size,
         )
         job.record_tokens = self.record_token_ids
+        job.gaps = self.gaps
 
     def step_done(self, job: GenerationJob, kind: StepKind) -> None:
         hook = self.hook()
@@ -252,76 +260,62 @@ class Runtime:
         return None
 
     def token_steps(
-        self, job: GenerationJob, hit: Hit, progress: Callable[[int, int], None]
+        self,
+        job: GenerationJob,
+        mode: Literal["draft", "lookup"] | None,
+        cache: list[Any],
+        draft: list[Any] | None = None,
     ) -> Generator[tuple[int, Any, bool], None, None]:
-        """``job``'s prefill from ``hit``, then its tokens: ``(token, logprobs, from_draft)``.
+        """``job``'s tokens once ``cache`` holds its prompt but the last token:
+        ``(token, logprobs, from_draft)``.
 
-        Plainly through :func:`mlx_lm.generate.generate_step`, or
-        speculatively (:meth:`speculation`): then this module prefills (the
-        draft model too) and mlx-lm's speculative generator or prompt lookup
-        decodes. ``progress(done, total)`` is called after every prefill
-        chunk, as ``generate_step`` calls it, and may raise to stop. Sets
-        ``job.stats.speculation``, and ``drafted``/``accepted`` as it goes.
+        The scheduler prefills (:mod:`.prefill`, in time slices) and picks
+        ``mode`` (:meth:`speculation`); with ``"draft"``, ``draft`` is the
+        draft model's cache, filled as far. Then plainly through
+        :func:`mlx_lm.generate.generate_step` (from the last prompt token),
+        or speculatively: mlx-lm's speculative generator or prompt lookup.
+        Sets ``job.stats.speculation``, and ``drafted``/``accepted`` as it
+        goes.
         """
         import mlx.core as mx
-        from mlx_lm.generate import (
-            generate_step,
-            maybe_quantize_kv_cache,
-            speculative_generate_step,
-        )
+        from mlx_lm.generate import generate_step, speculative_generate_step
 
-        cache = hit.cache
-        assert cache is not None
-        mode = self.speculation(job, cache)
         job.stats.speculation = mode
         kv = self.kv_args()
+        last = mx.array(job.prompt[-1:])
         if mode is None:
             processors = job.logits_processors or None
-            if processors and hit.tokens:
-                # They read the tokens so far, and the cached ones never go
-                # through generate_step: put them back in front.
-                prefix = mx.array(job.prompt[: hit.tokens])
+            if processors and len(job.prompt) > 1:
+                # They read the tokens so far, and the prefilled ones never
+                # go through generate_step: put them back in front.
+                prefix = mx.array(job.prompt[:-1])
                 processors = [_after(prefix, p) for p in processors]
             steps = generate_step(
-                mx.array(job.prompt[hit.tokens :]),
+                last,
                 self.model,
                 self.stream,
                 max_tokens=job.max_tokens,
                 sampler=job.sampler,
                 logits_processors=processors,
                 prefill_step_size=self.prefill_step_size,
-                prompt_progress_callback=progress,
                 prompt_cache=cache,
                 **kv,
             )
             return _plain(steps)
-
-        def quantize(layers: list[Any]) -> None:
-            maybe_quantize_kv_cache(
-                layers, self.quantized_kv_start, self.kv_group_size, self.kv_bits
-            )
-
-        parts = [(self.model, cache, hit.tokens)]
         if mode == "draft":
-            assert hit.draft is not None
-            parts.append((self.draft_model, hit.draft, hit.draft_tokens))
-        prefill(
-            parts, job.prompt, step=self.prefill_step_size, progress=progress, quantize=quantize
-        )
-        if mode == "draft":
-            assert hit.draft is not None
+            assert draft is not None
             # mlx-lm quantizes a copy of this list: with kv_bits, ``cache``
             # keeps the layers as they were at the switch (consistent, so the
             # prefix cache keeps that much).
             drafts = speculative_generate_step(
-                mx.array(job.prompt[-1:]),
+                last,
                 self.model,
                 self.draft_model,
                 self.stream,
                 num_draft_tokens=self.num_draft_tokens,
                 max_tokens=job.max_tokens,
                 sampler=job.sampler,
-                prompt_cache=cache + hit.draft,
+                prompt_cache=cache + draft,
                 **kv,
             )
             return _counted(drafts, job.stats, self.num_draft_tokens)
@@ -370,7 +364,6 @@ class Runtime:
             "-" if ttft is None else f"{ttft * 1000:.0f}",
             "-" if tps is None else f"{tps:.1f}",
         )
-
 
 
 Steps = Generator[tuple[int, Any, bool], None, None]

@@ -4,8 +4,9 @@ Two ways to propose tokens, both verified by the model in one forward pass
 and accepted while they match what the model itself picks:
 
 - a **draft model** (``draft_model``): mlx-lm's
-  :func:`~mlx_lm.generate.speculative_generate_step`, after this module
-  prefills both models in chunks (mlx-lm's own prefill is not interruptible);
+  :func:`~mlx_lm.generate.speculative_generate_step`, after the scheduler
+  has prefilled both models' caches in time slices (:mod:`.prefill`:
+  mlx-lm's own prefill is not interruptible);
 - **prompt lookup** without a draft model: the continuation of the latest
   earlier occurrence of the last few tokens in the prompt and output so far
   (:class:`NgramIndex`), as in "prompt lookup decoding". It drafts only
@@ -54,44 +55,6 @@ def eligible(job: Any, cache: list[Any]) -> bool:
     if getattr(job, "logits_processors", None):
         return False
     return all(layer.is_trimmable() for layer in cache)
-
-
-# -- prefill ------------------------------------------------------------------
-
-
-def prefill(
-    parts: Sequence[tuple[Any, list[Any], int]],
-    tokens: Sequence[int],
-    *,
-    step: int,
-    progress: Callable[[int, int], None],
-    quantize: Callable[[list[Any]], None] = lambda cache: None,
-) -> None:
-    """Run ``tokens[start:-1]`` through each ``(model, cache, start)`` in chunks of ``step``.
-
-    The last token is left for the first decoding step. ``progress(done,
-    total)`` is called after every chunk, as
-    :func:`~mlx_lm.generate.generate_step` calls it (``total`` counts the
-    last token too, so ``done < total`` after every chunk); it may raise to
-    abandon the prompt, and what ran stays in the caches. Both count all
-    parts' tokens.
-    """
-    import mlx.core as mx
-
-    end = len(tokens) - 1
-    total = sum(max(0, end - start) for _, _, start in parts)
-    done = 0
-    for model, cache, start in parts:
-        at = start
-        while at < end:
-            n = min(step, end - at)
-            model(mx.array(tokens[at : at + n])[None], cache=cache)
-            quantize(cache)
-            mx.eval([c.state for c in cache])
-            mx.clear_cache()
-            at += n
-            done += n
-            progress(done, total + 1)
 
 
 # -- prompt lookup --------------------------------------------------------------

@@ -276,7 +276,9 @@ def format_status_table(status: Mapping[str, Any], *, now: float | None = None) 
     ``coordinator_url``, ``last_heartbeat_sent_unix``, ``jobs_in_flight``
     (with ``slots_free`` and ``slots_total`` when present), ``totals``
     (``requests``, ``complete``, ``cancelled``, ``errors``, ``tokens_generated``),
-    ``model`` (``id``, ``params_b``, ``loading``, ``max_context_tokens``),
+    ``model`` (``id``, ``params_b``, ``loading``, ``max_context_tokens``,
+    ``inter_token_latency_ms`` with ``p50``, ``p99``, ``max``, and
+    ``prefill_slice`` with ``budget_ms``, ``tokens``),
     ``memory`` (``rss_bytes``; ``kv_reserved_bytes``, ``kv_budget_bytes`` and
     ``prompt_cache`` when the engine reports them), ``host`` (``chip``, ``cpu_cores``,
     ``gpu_cores``, ``memory_pressure``, ``thermal_state``, ``power_source``,
@@ -306,6 +308,18 @@ def format_status_table(status: Mapping[str, Any], *, now: float | None = None) 
     if model.get("loading"):
         model_text += " [loading]"
 
+    itl = model.get("inter_token_latency_ms") or {}
+    if itl.get("samples"):
+        itl_text = f"p50 {itl.get('p50')} ms, p99 {itl.get('p99')} ms, max {itl.get('max')} ms"
+    else:
+        itl_text = "-"
+    pace = model.get("prefill_slice") or {}
+    if "budget_ms" in pace:
+        budget = "fixed chunks" if pace["budget_ms"] is None else f"{pace['budget_ms']} ms budget"
+        slice_text = f"{_text(pace.get('tokens'))} tokens ({budget})"
+    else:
+        slice_text = "-"
+
     in_flight = _text(status.get("jobs_in_flight"))
     if status.get("slots_total"):
         in_flight += f" ({_text(status.get('slots_free'))} of {status['slots_total']} slots free)"
@@ -329,6 +343,8 @@ def format_status_table(status: Mapping[str, Any], *, now: float | None = None) 
         ("requests", requests_text),
         ("tokens generated", _text(totals.get("tokens_generated"))),
         ("model", model_text),
+        ("inter-token", itl_text),
+        ("prefill slice", slice_text),
         ("memory (RSS)", _bytes(memory.get("rss_bytes"))),
         *_kv_rows(memory),
         ("reconnects", _text(status.get("reconnects"))),

@@ -36,6 +36,16 @@ def test_layers_file_env_flags(tmp_path: Path) -> None:
     assert cfg.max_concurrency == 4 and cfg.model == "/m"
 
 
+def test_prefill_slice_ms_default_env_and_flag(tmp_path: Path) -> None:
+    f = write(tmp_path / "c.toml", f'coordinator_url = "{URL}"\nmodel = "/m"\n')
+    cfg, _ = load_config(f, environ={})
+    assert cfg.prefill_slice_ms is None  # the engine picks by device: 100 ms GPU, 250 ms CPU
+    cfg, _ = load_config(f, environ={"MLX_PROVIDER_PREFILL_SLICE_MS": "0"})
+    assert cfg.prefill_slice_ms == 0  # off: fixed prefill_step_size chunks
+    cfg, _ = load_config(f, environ={}, overrides={"prefill_slice_ms": 40.5})
+    assert cfg.prefill_slice_ms == 40.5
+
+
 def test_flags_alone_need_no_file(tmp_path: Path) -> None:
     cfg, path = load_config(
         None, environ={"HOME": str(tmp_path)}, overrides={"coordinator_url": URL, "model": "x"}
@@ -51,6 +61,8 @@ def test_flags_alone_need_no_file(tmp_path: Path) -> None:
         ("", {"MLX_PROVIDER_MAX_CONCURRENCY": "zero"}, "MLX_PROVIDER_MAX_CONCURRENCY"),
         ("", {"MLX_PROVIDER_NOPE": "1"}, "MLX_PROVIDER_NOPE"),
         ("max_concurrency = 0", {}, "max_concurrency"),
+        ("prefill_slice_ms = -5", {}, "prefill_slice_ms"),
+        ("", {"MLX_PROVIDER_PREFILL_SLICE_MS": "soon"}, "MLX_PROVIDER_PREFILL_SLICE_MS"),
         ('status_host = "0.0.0.0"', {}, "status_host"),
         ("this is = = not toml", {}, "TOML"),
         ("kv_bits = 5", {}, "kv_bits"),
@@ -120,6 +132,18 @@ def test_provider_id_generated_once(tmp_path: Path) -> None:
     assert first.provider_id and tomllib.loads(f.read_text())["provider_id"] == first.provider_id
     again, _ = load_config(f, environ={}, overrides={"coordinator_url": URL, "model": "m"})
     assert ensure_provider_id(again, f).provider_id == first.provider_id
+
+
+def test_prefill_slice_flag_reaches_the_engine(tmp_path: Path) -> None:
+    from provider.cli import build_parser, make_engine, serve_config
+
+    f = write(tmp_path / "c.toml", f'coordinator_url = "{URL}"\n')
+    args = build_parser().parse_args(
+        ["serve", "--config", str(f), "--model", "/m", "--prefill-slice-ms", "50"]
+    )
+    config, _ = serve_config(args)
+    assert config.prefill_slice_ms == 50.0
+    assert make_engine(config).prefill_slice_ms == 50.0
 
 
 def test_memory_and_speed_keys(tmp_path: Path) -> None:

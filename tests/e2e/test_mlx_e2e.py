@@ -112,10 +112,17 @@ async def test_cancel_mid_decode_stops_within_one_step(
         assert s.run.agent.state.in_flight == 0 and s.engine.active == 0
 
 
-async def test_cancel_mid_prefill_stops_within_one_chunk(system: Any) -> None:
-    async with system(prefill_step_size=16) as s:
+@pytest.mark.parametrize(
+    "options",
+    [{"prefill_step_size": 16, "prefill_slice_ms": 0}, {"prefill_slice_ms": 5}],
+    ids=["fixed-16-token-chunks", "5ms-slices"],
+)
+async def test_cancel_mid_prefill_stops_within_one_chunk(
+    system: Any, options: dict[str, Any]
+) -> None:
+    async with system(**options) as s:
         chunks: list[int] = []
-        long = [{"role": "user", "content": "lighthouse " * 300}]  # ~1,200 tokens, 75 chunks
+        long = [{"role": "user", "content": "lighthouse " * 300}]  # ~1,200 tokens
         cancel_sent = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -137,12 +144,31 @@ async def test_cancel_mid_prefill_stops_within_one_chunk(system: Any) -> None:
             PID, "inference_response_end", where=lambda f: f.message.request_id == request_id
         )
         assert end.message.status == "cancelled" and end.message.usage.completion_tokens == 0
-        total_chunks = -(-(end.message.usage.prompt_tokens or 1) // 16)
-        assert len(chunks) < total_chunks  # the prefill did not run to the end
+        stats = next(st for st in s.engine.last_stats.values() if st.prompt_tokens > 1000)
+        assert stats.prefill_tokens < stats.prompt_tokens - 1  # the prefill did not run to the end
         assert len(chunks) - at_cancel <= 2  # cancel is seen at the next chunk boundary
         with pytest.raises(openai.APIStatusError):
             await buyer
         assert s.run.agent.state.in_flight == 0 and s.engine.active == 0
+
+
+async def test_status_and_metrics_show_the_engines_pace(system: Any) -> None:
+    from prometheus_client import generate_latest
+
+    from provider import telemetry
+
+    async with system(ignore_eos=True, prefill_slice_ms=50) as s:
+        await s.buyer.chat.completions.create(model=s.model, messages=Q, max_tokens=30)
+        model = s.run.agent.status()["model"]
+        itl = model["inter_token_latency_ms"]
+        assert itl["samples"] >= 29  # the warm-up's tokens count too
+        assert 0 < itl["p50"] <= itl["p99"] <= itl["max"]
+        assert model["prefill_slice"]["budget_ms"] == 50.0
+        assert model["prefill_slice"]["tokens"] >= 1
+        metrics = generate_latest(telemetry.REGISTRY).decode()
+        label = f'model="{s.run.agent.model_id}"'
+        assert f'mlx_provider_inter_token_latency_seconds{{{label},quantile="0.99"}}' in metrics
+        assert f"mlx_provider_prefill_slice_budget_seconds{{{label}}} 0.05" in metrics
 
 
 async def test_prompt_over_the_context_limit(system: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from typing import Any
@@ -61,16 +62,22 @@ async def test_batching_interleaves_and_prefills_in_arrival_order(
     # Each request has its first token before the next one's prefill starts.
     firsts = [e for i, e in enumerate(events) if e not in events[:i]]
     assert firsts == [(i, kind) for i in ids for kind in ("prefill", "decode")]
-    # The first token comes out of the prefill itself, with no batch step in
-    # between; the next prompt's prefill waits for at most one decode step of
-    # each running request (its tokens go out before that prefill runs).
     for n, rid in enumerate(ids):
-        prefill = events.index((rid, "prefill"))
-        assert events[prefill + 1] == (rid, "decode")
-        if n + 1 < len(ids):
-            between = events[prefill + 2 : events.index((ids[n + 1], "prefill"))]
-            assert all(kind == "decode" for _, kind in between)
+        chunks = [i for i, e in enumerate(events) if e == (rid, "prefill")]
+        # The first token comes out of the last prefill chunk's turn, with no
+        # batch step in between.
+        assert events[chunks[-1] + 1] == (rid, "decode")
+        # Between two chunks, at most one decode step of each request already
+        # running: its tokens go out before the next chunk runs.
+        for a, b in itertools.pairwise(chunks):
+            between = events[a + 1 : b]
+            assert all(kind == "decode" and r in ids[:n] for r, kind in between)
             assert len(between) == len(set(between)) <= n
+        # The same before the next prompt's first chunk, this one included.
+        if n + 1 < len(ids):
+            between = events[chunks[-1] + 2 : events.index((ids[n + 1], "prefill"))]
+            assert all(kind == "decode" and r in ids[: n + 1] for r, kind in between)
+            assert len(between) == len(set(between)) <= n + 1
     stats = [batch_engine.last_stats[i] for i in ids]
     first_tokens = [s.first_token_at for s in stats]
     assert all(t is not None for t in first_tokens)

@@ -95,8 +95,9 @@ async def test_cached_tokens_are_the_shared_prefix_of_prompt_and_output(
     expected = common_prefix(stored, engine._encode(second)[:-1])
     assert expected > 0
     assert batches[-1].cached_tokens == engine.last_stats["t2"].cached_tokens == expected
-    # Only the rest was prefilled.
-    assert engine.last_stats["t2"].prefill_chunks <= 1
+    # Only the rest was prefilled (in time slices: how many depends on the speed).
+    stats = engine.last_stats["t2"]
+    assert stats.prefill_tokens == stats.prompt_tokens - 1 - expected
 
 
 @pytest.mark.parametrize("concurrency", [1, 4])
@@ -154,8 +155,12 @@ async def test_a_cancelled_prefill_keeps_what_it_prefilled(
     batches = await collect(engine, long, cancel, request_id="cut")
     assert batches[-1].finish_reason == "cancelled"
     engine.step_hook = None
+    cut = engine.last_stats["cut"]
+    # The cancel ended it right after the chunk it was set in.
+    assert cut.prefill_chunks == 3 and 3 <= cut.prefill_tokens <= 3 * 16
     again = await collect(engine, long, request_id="again")
-    assert again[-1].cached_tokens == 3 * 16
+    # Chunks are sized by time (at most prefill_step_size): as many as were prefilled.
+    assert again[-1].cached_tokens == cut.prefill_tokens
 
 
 async def test_warm_up_keeps_nothing(engine: MlxEngine) -> None:

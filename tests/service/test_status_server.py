@@ -7,6 +7,7 @@ import aiohttp
 import pytest
 
 from provider import telemetry
+from provider.engine import EngineTimings
 from provider.host.hardware import memory_info, rss_bytes
 from provider.ops.status_server import StatusServer, format_status_table
 
@@ -37,6 +38,8 @@ def sample_status(**overrides: Any) -> dict[str, Any]:
             "params_b": 7.6,
             "loading": False,
             "max_context_tokens": 32768,
+            "inter_token_latency_ms": {"p50": 21.4, "p99": 130.2, "max": 151.0, "samples": 2048},
+            "prefill_slice": {"budget_ms": 100.0, "tokens": 212, "tokens_per_s": 2113.5},
         },
         "memory": {"rss_bytes": 5 * 1024**3 + 200 * 1024**2},
         "reconnects": 2,
@@ -119,6 +122,34 @@ async def test_metrics_exports_the_registry(served) -> None:
     assert "mlx_provider_ttft_seconds_bucket" in body
 
 
+async def test_metrics_show_each_watched_engines_pace(served) -> None:
+    _, server, http = served
+    pace = EngineTimings(0.021, 0.130, 0.151, 2048, 0.1, 212, 2113.5)
+    telemetry.watch_engine("model-a", lambda: pace)
+    telemetry.watch_engine("model-b", lambda: EngineTimings())  # loaded, nothing served yet
+    try:
+        async with http.get(f"{server.url}/metrics") as resp:
+            body = await resp.text()
+    finally:
+        telemetry.unwatch_engine("model-a")
+        telemetry.unwatch_engine("model-b")
+    lines = set(body.splitlines())
+    assert {
+        'mlx_provider_inter_token_latency_seconds{model="model-a",quantile="0.5"} 0.021',
+        'mlx_provider_inter_token_latency_seconds{model="model-a",quantile="0.99"} 0.13',
+        'mlx_provider_inter_token_latency_seconds{model="model-a",quantile="1"} 0.151',
+        'mlx_provider_inter_token_latency_samples{model="model-a"} 2048.0',
+        'mlx_provider_prefill_slice_tokens{model="model-a"} 212.0',
+        'mlx_provider_prefill_slice_budget_seconds{model="model-a"} 0.1',
+        'mlx_provider_prefill_tokens_per_second{model="model-a"} 2113.5',
+        'mlx_provider_inter_token_latency_samples{model="model-b"} 0.0',
+        'mlx_provider_prefill_slice_budget_seconds{model="model-b"} 0.0',
+    } <= lines
+    assert not any('model="model-b",quantile' in line for line in lines)
+    async with http.get(f"{server.url}/metrics") as resp:
+        assert 'model="model-a"' not in await resp.text()
+
+
 async def test_stop_closes_the_port(served) -> None:
     _, server, http = served
     await server.stop()
@@ -151,6 +182,8 @@ def test_status_table() -> None:
         "requests          120 (115 complete, 3 cancelled, 2 errors)",
         "tokens generated  45000",
         "model             mlx-community/Qwen2.5-7B-Instruct-4bit (7.6B params, context 32768)",
+        "inter-token       p50 21.4 ms, p99 130.2 ms, max 151.0 ms",
+        "prefill slice     212 tokens (100.0 ms budget)",
         "memory (RSS)      5.2 GiB",
         "reconnects        2",
         "uptime            3h 12m",

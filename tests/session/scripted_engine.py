@@ -3,8 +3,9 @@
 It honours the :class:`provider.engine.Engine` contract (batched hand-off from
 a generation thread, cancel checked every step, one final batch) so the
 session is exercised as with MLX, while tests control timing: ``block_s``
-blocks the generation thread before the first token (a long prefill), and
-``step_s`` is the time per token.
+blocks the generation thread before the first token (a long prefill, run in
+slices of ``slice_s`` with the cancel flag checked between them, as the
+MLX engine's time-sliced prefill does), and ``step_s`` is the time per token.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from provider.engine import EngineError, MemoryStatus, ModelInfo, TokenBatch
+from provider.engine import EngineError, EngineTimings, MemoryStatus, ModelInfo, TokenBatch
+from provider.engine.pacing import GapWindow
 from provider.openai.request import ChatCompletionRequest
 
 
@@ -25,12 +27,19 @@ class ScriptedEngine:
     tokens: int = 8
     step_s: float = 0.001
     block_s: float = 0.0
+    #: The prefill's slice: the cancel flag is looked at this often while blocked.
+    slice_s: float = 0.1
     #: Only prompts containing this marker block (the stub's warm-up does not).
     block_marker: str = "[block]"
     load_s: float = 0.0
     context_limit: int = 4096
     words: tuple[str, ...] = ("ok", " yes", " fine")
     started: list[str] = field(default_factory=list)
+    #: When each prefill slice ended (time.monotonic), all requests together.
+    slice_ends: list[float] = field(default_factory=list)
+    #: Set when a blocked prefill has run its first slice.
+    prefilling: threading.Event = field(default_factory=threading.Event)
+    gaps: GapWindow = field(default_factory=GapWindow)
     #: The conversation_key hint of every request that had one, in order.
     conversation_keys: list[str] = field(default_factory=list)
     _info: ModelInfo | None = None
@@ -87,15 +96,24 @@ class ScriptedEngine:
 
         def run() -> None:
             # A long prefill: the thread computes (and takes the GIL) for
-            # block_s, checking the cancel flag between "chunks".
+            # block_s, in slices of slice_s, checking the cancel flag between.
             blocks = self.block_marker in request.messages[-1].text()
             end = time.monotonic() + (self.block_s if blocks else 0.0)
             while time.monotonic() < end and not cancel.is_set():
-                sum(i * i for i in range(2000))
+                slice_end = min(end, time.monotonic() + self.slice_s)
+                while time.monotonic() < slice_end:
+                    sum(i * i for i in range(2000))
+                self.slice_ends.append(time.monotonic())
+                self.prefilling.set()
             made = 0
+            last = None
             while made < limit and not cancel.is_set():
                 time.sleep(self.step_s)
                 made += 1
+                now = time.monotonic()
+                if last is not None:
+                    self.gaps.add(now - last)
+                last = now
                 push(TokenBatch(self.words[made % len(self.words)], prompt, made))
             if cancel.is_set():
                 push(TokenBatch("", prompt, made, "cancelled"))
@@ -134,6 +152,10 @@ class ScriptedEngine:
 
     async def warm_up(self) -> None:
         await asyncio.to_thread(time.sleep, self.step_s * 2)
+
+    def timings(self) -> EngineTimings:
+        samples, p50, p99, worst = self.gaps.summary()
+        return EngineTimings(p50, p99, worst, samples, prefill_slice_s=self.slice_s)
 
     async def close(self) -> None:
         return None

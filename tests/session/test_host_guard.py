@@ -33,8 +33,10 @@ FAST = {"host_sample_interval_s": 0.05, "host_recover_s": 0.5}
 
 async def buy(stub: CoordinatorStub, content: str) -> tuple[int, Any]:
     payload = {"model": "scripted", "messages": [{"role": "user", "content": content}]}
+    # Bounded: a request that never ends fails here, not after aiohttp's 300 s.
+    timeout = aiohttp.ClientTimeout(total=60)
     async with (
-        aiohttp.ClientSession() as http,
+        aiohttp.ClientSession(timeout=timeout) as http,
         http.post(f"{stub.http_url}/v1/chat/completions", json=payload) as resp,
     ):
         return resp.status, await resp.json()

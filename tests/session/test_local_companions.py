@@ -65,9 +65,13 @@ async def test_status_endpoint_reflects_the_agent(stub: CoordinatorStub) -> None
                     status = json.loads(await resp.text())
                 assert status["connection"] == "connected" and status["state"] == "ready"
                 assert status["provider_id"] == PID and status["totals"]["complete"] >= 1
+                # The engine's pace: the warm-up request's tokens were timed.
+                assert status["model"]["inter_token_latency_ms"]["samples"] >= 1
+                assert status["model"]["prefill_slice"]["budget_ms"] == 100.0
                 async with http.get(f"{server.url}/metrics") as resp:
                     metrics = await resp.text()
                 assert "mlx_provider_heartbeats_sent_total" in metrics
+                assert 'mlx_provider_prefill_slice_budget_seconds{model="scripted"} 0.1' in metrics
                 await stub.stop()  # the coordinator goes away
                 await stub.wait_for(
                     lambda: run.agent.session is None or run.agent.state.state == "unavailable"

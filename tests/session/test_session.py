@@ -121,6 +121,29 @@ async def test_heartbeats_keep_cadence_while_a_job_blocks_its_engine_thread_30s(
         assert max(gaps(beats)) <= 1.0 + 1.0, gaps(beats)
 
 
+async def test_cancel_during_a_long_prefill_ends_within_one_slice(stub: CoordinatorStub) -> None:
+    engine = ScriptedEngine(tokens=2, block_s=30.0, slice_s=0.25)
+    async with running(provider_config(stub), engine) as run:
+        await stub.wait_provider_state(PID, "ready")
+        job = asyncio.create_task(buy(stub, body("[block] a long prompt")))
+        assert await asyncio.to_thread(engine.prefilling.wait, 10)
+        request_id = next(r for r, f in stub.in_flight.items() if f.kind == "buyer")
+        sent = time.monotonic()
+        assert await stub.cancel(request_id, "buyer_disconnected")
+        end = await stub.wait_frame(
+            PID, "inference_response_end", where=lambda f: f.message.request_id == request_id
+        )
+        assert end.message.status == "cancelled"
+        assert end.message.usage.completion_tokens == 0
+        # The slice running when the cancel arrived was the last: the 30 s
+        # prefill ends within one slice (plus a margin for a loaded machine).
+        assert len([t for t in engine.slice_ends if t > sent]) <= 1
+        assert end.time - sent < engine.slice_s + 1.0
+        status, _ = await job
+        assert status != 200
+        await stub.wait_for(lambda: run.agent.state.in_flight == 0)
+
+
 async def test_blocked_handler_does_not_delay_receive(
     stub: CoordinatorStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
