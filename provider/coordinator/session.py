@@ -874,12 +874,21 @@ class Session:
             self._end(job, outcome or Outcome("cancelled", job.cancel_reason), started=True)
 
     def _end(self, job: Job, outcome: Outcome, *, started: bool) -> None:
-        """The one place a request ends: end frame, slot, counters."""
+        """The one place a request ends: slot, end frame, counters.
+
+        The coordinator routes on the ``slots_free`` we report, and it answers
+        the buyer as soon as it reads the end frame: the ``state_update`` that
+        frees the slot goes out first, so a buyer who asks again at once finds
+        the slot free instead of a 503.
+        """
         if not self.jobs.mark_ended(job.request_id):
             return
+        end = None
         if self.sender is not None:
-            self.sender.post(self._seal(self._end_frame(job, outcome), job.stream))
+            end = self._seal(self._end_frame(job, outcome), job.stream)
         self.owner.job_finished(job, outcome, started=started)
+        if end is not None and self.sender is not None:
+            self.sender.post(end)
 
     def _end_frame(self, job: Job, outcome: Outcome) -> InferenceResponseEnd:
         model_hash = self.owner.model_hash

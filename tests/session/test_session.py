@@ -601,3 +601,28 @@ async def test_a_bug_in_a_session_costs_a_reconnect_not_the_process(
         await stub.wait_provider_state(PID, "ready")
         assert not run.task.done()
         assert run.agent.reconnects[0]["cause"] == "internal_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_slot_is_freed_before_the_end_frame(stub: CoordinatorStub, stream: bool) -> None:
+    # The coordinator routes on the slots_free we report and answers the buyer
+    # when it reads the end frame: a buyer who asks again at once must find
+    # the one slot free, so the state_update comes first.
+    async with running(provider_config(stub, max_concurrency=1), ScriptedEngine(tokens=3)):
+        await stub.wait_provider_state(PID, "ready")
+        for n in range(3):
+            status, _ = await buy(stub, body(f"turn {n}", stream=stream))
+            assert status == 200
+        frames = [
+            f
+            for f in stub.frames_received(PID)
+            if f.type in ("state_update", "inference_response_end")
+            and (f.type == "state_update" or not_warm_up(f))
+        ]
+        ends = [i for i, f in enumerate(frames) if f.type == "inference_response_end"]
+        assert len(ends) == 3
+        for i in ends:
+            before = frames[i - 1]
+            assert before.type == "state_update", [f.type for f in frames]
+            assert before.message.state == "ready"
+            assert before.message.metrics_snapshot.slots_free == 1
