@@ -70,6 +70,21 @@ async def first_content(stream: Any) -> None:
             return
 
 
+async def sigterm_mid_stream(
+    client: openai.AsyncOpenAI, proc: asyncio.subprocess.Process, model: str, tokens: int
+) -> None:
+    """SIGTERM while a stream generates: the job finishes whole, then the process exits 0."""
+    long = await client.chat.completions.create(
+        model=model, messages=Q, max_tokens=tokens, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    await first_content(long)
+    proc.send_signal(signal.SIGTERM)
+    rest = [chunk async for chunk in long]
+    assert rest[-1].usage is not None and rest[-1].usage.completion_tokens == tokens
+    assert await asyncio.wait_for(proc.wait(), 60) == 0
+
+
 @pytest.mark.slow
 async def test_serve_process_with_mlx_serves_then_drains_on_sigterm(
     model_dir: Path, tmp_path: Path
@@ -97,16 +112,7 @@ async def test_serve_process_with_mlx_serves_then_drains_on_sigterm(
             assert text == plain.choices[0].message.content  # greedy: the same tokens
             assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16
 
-            # SIGTERM mid-generation: the job finishes, then the process exits 0.
-            long = await client.chat.completions.create(
-                model=model, messages=Q, max_tokens=120, stream=True,
-                stream_options={"include_usage": True},
-            )  # fmt: skip
-            await first_content(long)
-            proc.send_signal(signal.SIGTERM)
-            rest = [chunk async for chunk in long]
-            assert rest[-1].usage is not None and rest[-1].usage.completion_tokens == 120
-            assert await asyncio.wait_for(proc.wait(), 60) == 0
+            await sigterm_mid_stream(client, proc, model, 120)
         finally:
             await client.close()
         phases = [f.message.phase for f in stub.frames_received(PID, "drain_status")]
@@ -200,15 +206,7 @@ async def test_serve_process_in_production_bootstraps_serves_and_exits_0_on_sigt
                 )
                 assert done.usage is not None and done.usage.completion_tokens == 8
                 await receipts(stub, BOOTSTRAP_ID, verified=1)
-                long = await client.chat.completions.create(
-                    model=model_dir.name, messages=Q, max_tokens=60, stream=True,
-                    stream_options={"include_usage": True},
-                )  # fmt: skip
-                await first_content(long)
-                proc.send_signal(signal.SIGTERM)
-                rest = [chunk async for chunk in long]
-                assert rest[-1].usage is not None and rest[-1].usage.completion_tokens == 60
-                assert await asyncio.wait_for(proc.wait(), 60) == 0
+                await sigterm_mid_stream(client, proc, model_dir.name, 60)
             finally:
                 await client.close()
             counts = await receipts(stub, BOOTSTRAP_ID, verified=2)
