@@ -436,10 +436,9 @@ async def bench_server_paired(
 
 
 @contextlib.asynccontextmanager
-async def mlx_lm_serving(
-    model: Path, prompts: Prompts
-) -> AsyncIterator[tuple[str, Callable[[], dict[str, Any]]]]:
-    """``mlx_lm server`` on a free loopback port: yields its chat URL and a body maker."""
+async def mlx_lm_server_process(model: Path) -> AsyncIterator[str]:
+    """``mlx_lm server`` (its prompt cache on, as it ships) on a free loopback
+    port, answering: yields its chat completions URL; stopped on exit."""
     port = free_port()
     log(f"mlx_lm server on port {port}")
     proc = await asyncio.create_subprocess_exec(
@@ -447,6 +446,18 @@ async def mlx_lm_serving(
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
+        yield f"http://127.0.0.1:{port}/v1/chat/completions"
+    finally:
+        await stop(proc)
+
+
+@contextlib.asynccontextmanager
+async def mlx_lm_serving(
+    model: Path, prompts: Prompts
+) -> AsyncIterator[tuple[str, Callable[[], dict[str, Any]]]]:
+    """``mlx_lm server`` on a free loopback port: yields its chat URL and a body maker."""
     bias = {str(t): -1e9 for t in eos_ids(model)}
 
     def body() -> dict[str, Any]:
@@ -460,11 +471,8 @@ async def mlx_lm_serving(
             "stream_options": {"include_usage": True},
         }
 
-    try:
-        await wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
-        yield f"http://127.0.0.1:{port}/v1/chat/completions", body
-    finally:
-        await stop(proc)
+    async with mlx_lm_server_process(model) as url:
+        yield url, body
 
 
 def end_to_end_available() -> str | None:

@@ -65,12 +65,10 @@ from bench.relay import (
     add_model_args,
     bench_paired,
     eos_ids,
-    free_port,
     greedy_without_eos,
+    mlx_lm_server_process,
     model_dir,
     serving,
-    stop,
-    wait_http,
 )
 
 ANSWER_TOKENS = 32
@@ -168,21 +166,9 @@ async def provider(
 @contextlib.asynccontextmanager
 async def mlx_lm_server(model: Path) -> AsyncIterator[Endpoint]:
     """``mlx_lm server`` (its prompt cache on, as it ships) on a free loopback port."""
-    port = free_port()
-    log(f"mlx_lm server on port {port}")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mlx_lm", "server", "--model", str(model),
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        await wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
+    async with mlx_lm_server_process(model) as url:
         bias = {str(t): -1e9 for t in eos_ids(model)}
-        yield Endpoint(
-            "mlx_lm_server", f"http://127.0.0.1:{port}/v1/chat/completions", {"logit_bias": bias}
-        )
-    finally:
-        await stop(proc)
+        yield Endpoint("mlx_lm_server", url, {"logit_bias": bias})
 
 
 def http_session() -> Any:
